@@ -1,0 +1,113 @@
+//! allotd: the Allot daemon. Thin: flags, configuration, logging, run, exit code.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Parser;
+
+use allot::clock::SystemClock;
+use allot::config::Config;
+
+/// Inventory promising and order routing daemon.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Flags {
+    /// TOML configuration file (without it, the embedded defaults).
+    #[arg(long, env = "ALLOT_CONFIG")]
+    config: Option<PathBuf>,
+    /// Data directory (overrides `data_dir`).
+    #[arg(long, env = "ALLOT_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// gRPC listen address, HOST:PORT; port 0 picks one (overrides `listen`).
+    #[arg(long, env = "ALLOT_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// Metrics listen address, HOST:PORT (overrides `metrics_listen`).
+    #[arg(long, env = "ALLOT_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
+    /// Log format: text or json.
+    #[arg(long, env = "ALLOT_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+    /// Print the effective configuration problems (if any) and exit.
+    #[arg(long)]
+    check_config: bool,
+}
+
+fn main() -> ExitCode {
+    let flags = Flags::parse();
+    init_logging(&flags.log_format);
+    let mut config = match &flags.config {
+        Some(path) => match Config::from_file(path) {
+            Ok(config) => config,
+            Err(error) => {
+                eprintln!("allotd: {error}");
+                return ExitCode::from(2);
+            }
+        },
+        None => Config::default(),
+    };
+    if let Some(data_dir) = flags.data_dir {
+        config.data_dir = data_dir;
+    }
+    if let Some(listen) = flags.listen {
+        config.listen = listen;
+    }
+    if let Some(metrics_listen) = flags.metrics_listen {
+        config.metrics_listen = metrics_listen;
+    }
+    if let Err(error) = config.validate() {
+        eprintln!("allotd: {error}");
+        return ExitCode::from(2);
+    }
+    if flags.check_config {
+        println!("configuration is valid");
+        return ExitCode::SUCCESS;
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("allotd: starting the runtime: {error}");
+            return ExitCode::from(1);
+        }
+    };
+    runtime.block_on(async move {
+        let running = match allot::server::start(config, Arc::new(SystemClock)).await {
+            Ok(running) => running,
+            Err(error) => {
+                tracing::error!(%error, "allotd could not start");
+                eprintln!("allotd: {error}");
+                return ExitCode::from(1);
+            }
+        };
+        let trigger = running.shutdown_trigger();
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            trigger.send_replace(true);
+        });
+        running.wait().await;
+        ExitCode::SUCCESS
+    })
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate = signal(SignalKind::terminate()).expect("installing the SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+        _ = terminate.recv() => tracing::info!("SIGTERM received"),
+    }
+}
+
+fn init_logging(format: &str) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("ALLOT_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder =
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}

@@ -1,0 +1,222 @@
+//! Configuration: one TOML file, every key optional with a documented default, unknown keys
+//! rejected by name. `validate()` reports every problem at once rather than the first.
+//! Must not import anything but `domain` and `store` option types.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::domain::Limits;
+use crate::store::Durability;
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Where the RocksDB store lives.
+    pub data_dir: PathBuf,
+    /// gRPC address; port 0 picks a free port (the bound address is logged).
+    pub listen: SocketAddr,
+    /// Prometheus `/metrics` address, its own port.
+    pub metrics_listen: SocketAddr,
+    pub store: StoreConfig,
+    pub index: IndexConfig,
+    pub server: ServerConfig,
+    pub limits: Limits,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// "fsync" (default: an acknowledged change survives power loss) or "buffered".
+    pub durability: Durability,
+    /// Mutations waiting for the commit thread; beyond this, requests are shed.
+    pub commit_queue_len_max: usize,
+    /// Mutations per group commit at most.
+    pub commit_batch_len_max: usize,
+    /// Availability changes kept for `from_sequence` resumes.
+    pub change_retention: u64,
+    /// RocksDB memtable size per column family.
+    pub write_buffer_bytes: usize,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct IndexConfig {
+    /// Lock shards of the availability index; a power of two.
+    pub shard_count: usize,
+    /// How long released, expired and fulfilled reservations stay readable.
+    pub terminal_reservation_retention_ms: u64,
+    /// How long an idempotency key is remembered.
+    pub idempotency_retention_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Requests being processed at once; beyond this, RESOURCE_EXHAUSTED.
+    pub in_flight_max: usize,
+    /// Open WatchAvailability streams at most.
+    pub watchers_max: usize,
+    /// Commit batches a watcher may fall behind before it is dropped.
+    pub watch_buffer_batches: usize,
+    /// Items buffered per watch stream towards the client.
+    pub watch_out_len_max: usize,
+    /// How often due reservations are expired.
+    pub expiry_sweep_interval_ms: u64,
+    /// Reservations expired per sweep at most.
+    pub expiry_batch_len_max: usize,
+    /// How often retention purges run.
+    pub purge_interval_ms: u64,
+    /// How long a graceful shutdown waits for in-flight requests.
+    pub shutdown_drain_ms: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("./data"),
+            listen: "127.0.0.1:50051".parse().expect("valid address"),
+            metrics_listen: "127.0.0.1:9464".parse().expect("valid address"),
+            store: StoreConfig::default(),
+            index: IndexConfig::default(),
+            server: ServerConfig::default(),
+            limits: Limits::default(),
+        }
+    }
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            durability: Durability::Fsync,
+            commit_queue_len_max: 65_536,
+            commit_batch_len_max: 8_192,
+            change_retention: 1_000_000,
+            write_buffer_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
+impl Default for IndexConfig {
+    fn default() -> Self {
+        Self {
+            shard_count: 256,
+            terminal_reservation_retention_ms: 24 * 3_600 * 1_000,
+            idempotency_retention_ms: 24 * 3_600 * 1_000,
+        }
+    }
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            in_flight_max: 16_384,
+            watchers_max: 1_024,
+            watch_buffer_batches: 4_096,
+            watch_out_len_max: 1_024,
+            expiry_sweep_interval_ms: 100,
+            expiry_batch_len_max: 10_000,
+            purge_interval_ms: 60_000,
+            shutdown_drain_ms: 10_000,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("{path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("invalid configuration:\n  {}", .0.join("\n  "))]
+    Invalid(Vec<String>),
+}
+
+impl Config {
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
+        Self::from_toml(&text)
+            .map_err(|message| ConfigError::Parse { path: path.display().to_string(), message })
+    }
+
+    /// Parses TOML; an unknown key is an error naming the key.
+    pub fn from_toml(text: &str) -> Result<Self, String> {
+        toml::from_str(text).map_err(|error| error.to_string())
+    }
+
+    /// Every problem, one line each; empty when the configuration can run.
+    pub fn problems(&self) -> Vec<String> {
+        let mut problems = self.limits.problems();
+        if !self.index.shard_count.is_power_of_two() || self.index.shard_count > 65_536 {
+            problems.push(format!(
+                "index.shard_count {} must be a power of two up to 65536",
+                self.index.shard_count
+            ));
+        }
+        let positive = [
+            ("store.commit_queue_len_max", self.store.commit_queue_len_max),
+            ("store.commit_batch_len_max", self.store.commit_batch_len_max),
+            ("server.in_flight_max", self.server.in_flight_max),
+            ("server.watchers_max", self.server.watchers_max),
+            ("server.watch_buffer_batches", self.server.watch_buffer_batches),
+            ("server.watch_out_len_max", self.server.watch_out_len_max),
+            ("server.expiry_batch_len_max", self.server.expiry_batch_len_max),
+        ];
+        for (name, value) in positive {
+            if value == 0 {
+                problems.push(format!("{name} must be at least 1"));
+            }
+        }
+        if self.store.change_retention == 0 {
+            problems.push("store.change_retention must be at least 1".into());
+        }
+        // Expired units must be back in ATP within a second (API.md).
+        if self.server.expiry_sweep_interval_ms == 0 || self.server.expiry_sweep_interval_ms > 500 {
+            problems.push("server.expiry_sweep_interval_ms must be between 1 and 500".into());
+        }
+        if self.server.purge_interval_ms == 0 {
+            problems.push("server.purge_interval_ms must be at least 1".into());
+        }
+        if self.listen == self.metrics_listen && self.listen.port() != 0 {
+            problems.push("listen and metrics_listen must differ".into());
+        }
+        problems
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let problems = self.problems();
+        if problems.is_empty() { Ok(()) } else { Err(ConfigError::Invalid(problems)) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_key_is_named() {
+        // Goal: a typo in the config is an error naming the key. Method: parse a bad key.
+        let error = Config::from_toml("[store]\ndurabilty = \"fsync\"\n").unwrap_err();
+        assert!(error.contains("durabilty"), "{error}");
+    }
+
+    #[test]
+    fn defaults_are_valid_and_problems_are_all_listed() {
+        // Goal: the embedded default runs; validate lists every problem. Method: two bad keys.
+        assert_eq!(Config::default().problems(), Vec::<String>::new());
+        let config = Config::from_toml("[index]\nshard_count = 3\n[server]\nin_flight_max = 0\n").unwrap();
+        let problems = config.problems();
+        assert_eq!(problems.len(), 2, "{problems:?}");
+    }
+
+    #[test]
+    fn partial_file_keeps_defaults() {
+        // Goal: keys left out take their defaults. Method: one key set.
+        let config =
+            Config::from_toml("data_dir = \"/tmp/x\"\n[store]\ndurability = \"buffered\"\n").unwrap();
+        assert_eq!(config.store.durability, Durability::Buffered);
+        assert_eq!(config.index, IndexConfig::default());
+    }
+}

@@ -1,0 +1,880 @@
+//! The lock-sharded availability index: positions (SKU × node) in a power-of-two number of
+//! shards chosen by a hash of the SKU, reservations, idempotency keys and the expiry queue.
+//!
+//! HOT PATH (reserve, availability): no logging, no I/O, no global lock, no `.await`.
+//! A request locks the shards it touches in ascending index order (so two requests can never
+//! wait on each other in a cycle), decides with a pure function from `domain`, applies, and
+//! hands its write-ahead record to the commit thread *while the locks are held*, so that the
+//! log order equals the apply order for every position. Lock order, outermost first:
+//! `node_writer` → shards (ascending) → idempotency entry → reservation entry.
+//!
+//! May import `domain`, `clock` and `store`; must not import `api` or anything of tonic.
+
+mod errors;
+mod expiry;
+mod shard;
+
+pub use errors::IndexError;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+
+use arc_swap::ArcSwap;
+use dashmap::DashMap;
+use dashmap::mapref::entry::Entry;
+use parking_lot::{Mutex, MutexGuard};
+use tokio::sync::oneshot;
+
+use crate::clock::Clock;
+use crate::domain::{
+    self, AdjustStockCommand, AvailabilityChange, Channel, Limits, Node, NodeId, Position, PositionView,
+    Reservation, ReservationId, ReservationStatus, ReserveCommand, Shortfall, Sku, StockEntry, Transition,
+    TransitionOutcome,
+};
+use crate::store::keys::{self, IdemNamespace};
+use crate::store::records::{
+    self, IdempotencyRecord, Kind, NodeRecord, PositionRecord, PositionViewRecord, ReservationRecord,
+};
+use crate::store::{Cf, Mutation, Recovered, Slot, WalHandle};
+use expiry::ExpiryQueue;
+use shard::{Shard, SkuStock};
+
+/// Index sizing and retention.
+#[derive(Debug, Clone)]
+pub struct IndexOptions {
+    /// Number of shards; a power of two.
+    pub shard_count: usize,
+    /// How long released/expired/fulfilled reservations stay readable.
+    pub terminal_retention_ms: u64,
+    /// How long an idempotency key is remembered.
+    pub idempotency_retention_ms: u64,
+    pub limits: Limits,
+}
+
+/// The node table, replaced whole on every UpsertNodes (readers never lock).
+#[derive(Debug, Default)]
+pub struct NodeTable {
+    by_id: std::collections::HashMap<NodeId, Arc<Node>>,
+}
+
+impl NodeTable {
+    fn new(nodes: impl IntoIterator<Item = Node>) -> Self {
+        let by_id = nodes.into_iter().map(|node| (node.node_id.clone(), Arc::new(node))).collect();
+        Self { by_id }
+    }
+
+    pub fn get(&self, node_id: &NodeId) -> Option<&Arc<Node>> {
+        self.by_id.get(node_id)
+    }
+
+    pub fn get_str(&self, node_id: &str) -> Option<&Arc<Node>> {
+        self.by_id.get(node_id)
+    }
+
+    /// Every node, ordered by id.
+    pub fn sorted(&self) -> Vec<Arc<Node>> {
+        let mut nodes: Vec<Arc<Node>> = self.by_id.values().cloned().collect();
+        nodes.sort_by(|a, b| a.node_id.cmp(&b.node_id));
+        nodes
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_id.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_id.is_empty()
+    }
+}
+
+/// The result of a mutation that is applied in memory and on its way to disk. Reply only after
+/// `durable()`: that is what makes the response a promise.
+#[must_use]
+pub struct Pending<T> {
+    value: T,
+    ack: Option<oneshot::Receiver<()>>,
+}
+
+impl<T> Pending<T> {
+    fn ready(value: T, ack: oneshot::Receiver<()>) -> Self {
+        Self { value, ack: Some(ack) }
+    }
+
+    /// Waits for the group commit that holds this change (or, for a replay, everything
+    /// before it).
+    pub async fn durable(self) -> Result<T, IndexError> {
+        if let Some(ack) = self.ack {
+            ack.await.map_err(|_| IndexError::Unavailable)?;
+        }
+        Ok(self.value)
+    }
+
+    /// For callers outside an async context (tests, background thread): block.
+    pub fn durable_blocking(self) -> Result<T, IndexError> {
+        if let Some(ack) = self.ack {
+            ack.blocking_recv().map_err(|_| IndexError::Unavailable)?;
+        }
+        Ok(self.value)
+    }
+}
+
+/// What a Reserve decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReserveOutcome {
+    Reserved { id: ReservationId, expires_at_ms: Option<u64> },
+    Insufficient(Vec<Shortfall>),
+}
+
+/// The availability of one SKU.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AvailabilityItem {
+    pub sku: String,
+    pub total_atp: i64,
+    /// Ordered by node id.
+    pub nodes: Vec<PositionView>,
+}
+
+/// A remembered idempotent outcome.
+#[derive(Debug, Clone)]
+struct IdemEntry {
+    fingerprint: u64,
+    created_at_ms: u64,
+    outcome: IdemOutcome,
+}
+
+#[derive(Debug, Clone)]
+enum IdemOutcome {
+    Reserved { id: ReservationId, expires_at_ms: Option<u64> },
+    Adjusted(Vec<PositionView>),
+}
+
+type IdemMapKey = (IdemNamespace, Arc<str>);
+
+pub struct Index {
+    shards: Box<[Mutex<Shard>]>,
+    shard_mask: usize,
+    nodes: ArcSwap<NodeTable>,
+    /// Serialises node table replacements (admin only).
+    node_writer: Mutex<()>,
+    reservations: DashMap<u64, Reservation>,
+    idempotency: DashMap<IdemMapKey, IdemEntry>,
+    expiry: ExpiryQueue,
+    next_reservation_id: AtomicU64,
+    /// Gauges, kept as counters so the hot path only does an atomic add.
+    position_count: AtomicI64,
+    open_reservation_count: AtomicI64,
+    wal: WalHandle,
+    clock: Arc<dyn Clock>,
+    options: IndexOptions,
+}
+
+impl Index {
+    /// Builds the index from what the store recovered.
+    pub fn new(options: IndexOptions, recovered: Recovered, wal: WalHandle, clock: Arc<dyn Clock>) -> Self {
+        assert!(options.shard_count.is_power_of_two(), "shard_count must be a power of two");
+        let shards: Box<[Mutex<Shard>]> =
+            (0..options.shard_count).map(|_| Mutex::new(Shard::default())).collect();
+        let index = Self {
+            shards,
+            shard_mask: options.shard_count - 1,
+            nodes: ArcSwap::from_pointee(NodeTable::new(recovered.nodes)),
+            node_writer: Mutex::new(()),
+            reservations: DashMap::new(),
+            idempotency: DashMap::new(),
+            expiry: ExpiryQueue::new(options.shard_count),
+            next_reservation_id: AtomicU64::new(recovered.next_reservation_id.max(1)),
+            position_count: AtomicI64::new(0),
+            open_reservation_count: AtomicI64::new(0),
+            wal,
+            clock,
+            options,
+        };
+        for (sku, node_id, position) in recovered.positions {
+            let shard_index = index.shard_of(&sku);
+            index.shards[shard_index].lock().stock_mut(&sku).set(&node_id, position);
+            index.position_count.fetch_add(1, Ordering::Relaxed);
+        }
+        for reservation in recovered.reservations {
+            if reservation.status.is_open() {
+                index.open_reservation_count.fetch_add(1, Ordering::Relaxed);
+            }
+            if let (ReservationStatus::Held, Some(expires_at_ms)) =
+                (reservation.status, reservation.expires_at_ms)
+            {
+                index.expiry.push(reservation.id, expires_at_ms);
+            }
+            index.reservations.insert(reservation.id.0, reservation);
+        }
+        for (namespace, key, record) in recovered.idempotency {
+            let outcome = match namespace {
+                IdemNamespace::Reserve => IdemOutcome::Reserved {
+                    id: ReservationId(record.reservation_id.unwrap_or_default()),
+                    expires_at_ms: record.expires_at_ms,
+                },
+                IdemNamespace::Adjust => IdemOutcome::Adjusted(
+                    record.positions.into_iter().filter_map(|view| view.into_view().ok()).collect(),
+                ),
+            };
+            index.idempotency.insert(
+                (namespace, Arc::from(key.as_str())),
+                IdemEntry { fingerprint: record.fingerprint, created_at_ms: record.created_at_ms, outcome },
+            );
+        }
+        index
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.options.limits
+    }
+
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.clock
+    }
+
+    pub fn nodes(&self) -> Arc<NodeTable> {
+        self.nodes.load_full()
+    }
+
+    pub fn wal(&self) -> &WalHandle {
+        &self.wal
+    }
+
+    pub fn position_count(&self) -> i64 {
+        self.position_count.load(Ordering::Relaxed)
+    }
+
+    pub fn open_reservation_count(&self) -> i64 {
+        self.open_reservation_count.load(Ordering::Relaxed)
+    }
+
+    pub fn reservation_count(&self) -> usize {
+        self.reservations.len()
+    }
+
+    fn shard_of(&self, sku: &Sku) -> usize {
+        use std::hash::{BuildHasher, BuildHasherDefault};
+        let hasher = BuildHasherDefault::<rustc_hash::FxHasher>::default();
+        (hasher.hash_one(sku.as_str()) as usize) & self.shard_mask
+    }
+
+    /// Locks the shards of `skus` in ascending order; the guards are indexed by shard number.
+    fn lock_shards<'a>(&'a self, skus: impl Iterator<Item = &'a Sku>) -> ShardLocks<'a> {
+        let mut indexes: Vec<usize> = skus.map(|sku| self.shard_of(sku)).collect();
+        indexes.sort_unstable();
+        indexes.dedup();
+        let guards = indexes.iter().map(|index| self.shards[*index].lock()).collect();
+        ShardLocks { indexes, guards }
+    }
+
+    fn lock_all_shards(&self) -> ShardLocks<'_> {
+        let indexes: Vec<usize> = (0..self.shards.len()).collect();
+        let guards = self.shards.iter().map(|shard| shard.lock()).collect();
+        ShardLocks { indexes, guards }
+    }
+
+    fn slot(&self) -> Result<Slot<'_>, IndexError> {
+        self.wal.try_slot().map_err(|_| IndexError::Overloaded)
+    }
+
+    /// A barrier: resolves once everything submitted before it is durable. Used when a request
+    /// answers from state another request wrote (a replay, a repeated release).
+    fn barrier<T>(&self, value: T) -> Result<Pending<T>, IndexError> {
+        let slot = self.slot()?;
+        let mut mutation = Mutation::default();
+        let ack = mutation.acknowledged();
+        self.wal.submit(slot, mutation);
+        Ok(Pending::ready(value, ack))
+    }
+
+    // ----- nodes -------------------------------------------------------------------------
+
+    /// Creates or replaces nodes. Locks every shard: a node's settings change the ATP of all
+    /// its positions, and those changes must be logged in order with the shards' own.
+    pub fn upsert_nodes(&self, nodes: Vec<Node>) -> Result<Pending<usize>, IndexError> {
+        let count = nodes.len();
+        let _writer = self.node_writer.lock();
+        let slot = self.slot()?;
+        let old_table = self.nodes.load_full();
+        let mut all: std::collections::HashMap<NodeId, Node> =
+            old_table.by_id.iter().map(|(id, node)| (id.clone(), Node::clone(node))).collect();
+        let mut mutation = Mutation::default();
+        for node in &nodes {
+            mutation.put(
+                Cf::Nodes,
+                node.node_id.as_str().as_bytes(),
+                records::encode(Kind::Node, &NodeRecord::from_node(node)),
+            );
+        }
+        let touched: std::collections::HashSet<NodeId> =
+            nodes.iter().map(|node| node.node_id.clone()).collect();
+        for node in nodes {
+            all.insert(node.node_id.clone(), node);
+        }
+        let new_table = Arc::new(NodeTable::new(all.into_values()));
+        let mut locks = self.lock_all_shards();
+        for guard in locks.guards.iter_mut() {
+            for (sku, stock) in guard.skus.iter() {
+                let before: Vec<(NodeId, i64)> = stock
+                    .positions()
+                    .filter(|(node_id, _)| touched.contains(*node_id))
+                    .map(|(node_id, position)| (node_id.clone(), atp_in(&old_table, node_id, position)))
+                    .collect();
+                if before.is_empty() {
+                    continue;
+                }
+                let totals = stock.totals(&new_table);
+                for (node_id, atp_before) in before {
+                    let position = stock.get(&node_id).expect("listed above");
+                    let atp = atp_in(&new_table, &node_id, position);
+                    if atp != atp_before {
+                        mutation.changes.push(AvailabilityChange {
+                            sku: sku.clone(),
+                            node_id,
+                            atp,
+                            totals: totals.clone(),
+                            sequence: 0,
+                        });
+                    }
+                }
+            }
+        }
+        self.nodes.store(new_table);
+        let ack = mutation.acknowledged();
+        self.wal.submit(slot, mutation);
+        drop(locks);
+        Ok(Pending::ready(count, ack))
+    }
+
+    // ----- stock -------------------------------------------------------------------------
+
+    /// Absolute on-hand snapshot; reservations are kept. Entries name existing nodes
+    /// (checked here) and no (sku, node) twice (checked by the caller).
+    pub fn set_stock(&self, entries: &[StockEntry]) -> Result<Pending<usize>, IndexError> {
+        let nodes = self.nodes.load_full();
+        for (index, entry) in entries.iter().enumerate() {
+            if nodes.get(&entry.node_id).is_none() {
+                return Err(IndexError::InvalidArgument(format!(
+                    "entries[{index}].node_id: unknown node {:?}",
+                    entry.node_id.as_str()
+                )));
+            }
+        }
+        let slot = self.slot()?;
+        let mut mutation = Mutation::default();
+        let mut locks = self.lock_shards(entries.iter().map(|entry| &entry.sku));
+        for entry in entries {
+            let shard = locks.shard(self.shard_of(&entry.sku));
+            let stock = shard.stock_mut(&entry.sku);
+            let before = stock.get(&entry.node_id).copied();
+            let mut position = before.unwrap_or_default();
+            position.on_hand = entry.on_hand;
+            if entry.safety_stock.is_some() {
+                position.safety_stock = entry.safety_stock;
+            }
+            if before.is_none() {
+                self.position_count.fetch_add(1, Ordering::Relaxed);
+            }
+            self.write_position(&mut mutation, &nodes, &entry.sku, &entry.node_id, stock, before, position);
+        }
+        let ack = mutation.acknowledged();
+        self.wal.submit(slot, mutation);
+        drop(locks);
+        Ok(Pending::ready(entries.len(), ack))
+    }
+
+    /// Relative changes, idempotent by adjustment id; rejected whole if any on_hand would go
+    /// below zero.
+    pub fn adjust_stock(
+        &self,
+        command: &AdjustStockCommand,
+    ) -> Result<Pending<Vec<PositionView>>, IndexError> {
+        let nodes = self.nodes.load_full();
+        for (index, entry) in command.entries.iter().enumerate() {
+            if nodes.get(&entry.node_id).is_none() {
+                return Err(IndexError::InvalidArgument(format!(
+                    "entries[{index}].node_id: unknown node {:?}",
+                    entry.node_id.as_str()
+                )));
+            }
+        }
+        let fingerprint = command.fingerprint();
+        let slot = self.slot()?;
+        let mut locks = self.lock_shards(command.entries.iter().map(|entry| &entry.sku));
+        let map_key: IdemMapKey = (IdemNamespace::Adjust, Arc::from(command.adjustment_id.as_str()));
+        let vacant = match self.idempotency.entry(map_key) {
+            Entry::Occupied(occupied) => {
+                let entry = occupied.get();
+                if entry.fingerprint != fingerprint {
+                    return Err(IndexError::AlreadyExists(format!(
+                        "adjustment_id {:?} was used for a different adjustment",
+                        command.adjustment_id.as_str()
+                    )));
+                }
+                let IdemOutcome::Adjusted(views) = &entry.outcome else {
+                    unreachable!("the adjust namespace holds only adjustments")
+                };
+                let views = views.clone();
+                drop(occupied);
+                drop(locks);
+                drop(slot);
+                return self.barrier(views);
+            }
+            Entry::Vacant(vacant) => vacant,
+        };
+        for (index, entry) in command.entries.iter().enumerate() {
+            let shard = locks.shard(self.shard_of(&entry.sku));
+            let on_hand = shard
+                .stock(&entry.sku)
+                .and_then(|stock| stock.get(&entry.node_id))
+                .map_or(0, |position| position.on_hand);
+            if on_hand + entry.delta < 0 {
+                return Err(IndexError::FailedPrecondition(format!(
+                    "entries[{index}]: on_hand of {} at {} is {on_hand}; a delta of {} would make it negative",
+                    entry.sku, entry.node_id, entry.delta
+                )));
+            }
+        }
+        let now_ms = self.clock.now_ms();
+        let mut mutation = Mutation::default();
+        let mut views = Vec::with_capacity(command.entries.len());
+        for entry in &command.entries {
+            let shard = locks.shard(self.shard_of(&entry.sku));
+            let stock = shard.stock_mut(&entry.sku);
+            let before = stock.get(&entry.node_id).copied();
+            let mut position = before.unwrap_or_default();
+            position.on_hand += entry.delta;
+            if before.is_none() {
+                self.position_count.fetch_add(1, Ordering::Relaxed);
+            }
+            self.write_position(&mut mutation, &nodes, &entry.sku, &entry.node_id, stock, before, position);
+            let node = nodes.get(&entry.node_id).expect("checked above");
+            views.push(PositionView::new(&entry.sku, node, &position));
+        }
+        let record = IdempotencyRecord {
+            fingerprint,
+            created_at_ms: now_ms,
+            reservation_id: None,
+            expires_at_ms: None,
+            positions: views.iter().map(PositionViewRecord::from_view).collect(),
+        };
+        mutation.put(
+            Cf::Idempotency,
+            keys::idempotency(IdemNamespace::Adjust, command.adjustment_id.as_str()),
+            records::encode(Kind::Idempotency, &record),
+        );
+        let ack = mutation.acknowledged();
+        self.wal.submit(slot, mutation);
+        vacant.insert(IdemEntry {
+            fingerprint,
+            created_at_ms: now_ms,
+            outcome: IdemOutcome::Adjusted(views.clone()),
+        });
+        drop(locks);
+        Ok(Pending::ready(views, ack))
+    }
+
+    /// Stores `position` in `stock`, adds its record to `mutation`, and a change when its ATP
+    /// moved.
+    #[allow(clippy::too_many_arguments)]
+    fn write_position(
+        &self,
+        mutation: &mut Mutation,
+        nodes: &NodeTable,
+        sku: &Sku,
+        node_id: &NodeId,
+        stock: &mut SkuStock,
+        before: Option<Position>,
+        position: Position,
+    ) {
+        stock.set(node_id, position);
+        mutation.put(
+            Cf::Positions,
+            keys::position(sku, node_id),
+            records::encode(Kind::Position, &PositionRecord::from_position(&position)),
+        );
+        let atp_before = before.map_or(0, |before| atp_in(nodes, node_id, &before));
+        let atp = atp_in(nodes, node_id, &position);
+        if atp != atp_before {
+            mutation.changes.push(AvailabilityChange {
+                sku: sku.clone(),
+                node_id: node_id.clone(),
+                atp,
+                totals: stock.totals(nodes),
+                sequence: 0,
+            });
+        }
+    }
+
+    // ----- reads -------------------------------------------------------------------------
+
+    /// ATP per SKU. `node_filter` empty = every node.
+    pub fn availability(
+        &self,
+        skus: &[Sku],
+        channel: Option<&Channel>,
+        node_filter: &[NodeId],
+    ) -> Vec<AvailabilityItem> {
+        let nodes = self.nodes.load_full();
+        skus.iter()
+            .map(|sku| {
+                let shard = self.shards[self.shard_of(sku)].lock();
+                let mut item = AvailabilityItem { sku: sku.to_string(), total_atp: 0, nodes: Vec::new() };
+                if let Some(stock) = shard.stock(sku) {
+                    for (node_id, position) in stock.positions() {
+                        if !node_filter.is_empty() && !node_filter.contains(node_id) {
+                            continue;
+                        }
+                        let Some(node) = nodes.get(node_id) else { continue };
+                        if !node.serves(channel) {
+                            continue;
+                        }
+                        let view = PositionView::new(sku, node, position);
+                        item.total_atp += view.atp;
+                        item.nodes.push(view);
+                    }
+                }
+                item
+            })
+            .collect()
+    }
+
+    /// Every position's current ATP for `skus` (empty = all), for a Watch snapshot; calls
+    /// `emit` with (sku, node, atp, totals) one shard at a time.
+    pub fn snapshot(&self, skus: &[Sku], mut emit: impl FnMut(&Sku, &NodeId, i64, &domain::Totals)) {
+        let nodes = self.nodes.load_full();
+        let mut visit = |sku: &Sku, stock: &SkuStock| {
+            let totals = stock.totals(&nodes);
+            for (node_id, position) in stock.positions() {
+                emit(sku, node_id, atp_in(&nodes, node_id, position), &totals);
+            }
+        };
+        if skus.is_empty() {
+            for shard in self.shards.iter() {
+                let shard = shard.lock();
+                for (sku, stock) in shard.skus.iter() {
+                    visit(sku, stock);
+                }
+            }
+        } else {
+            for sku in skus {
+                let shard = self.shards[self.shard_of(sku)].lock();
+                if let Some(stock) = shard.stock(sku) {
+                    visit(sku, stock);
+                }
+            }
+        }
+    }
+
+    /// The raw position, for tests and consistency checks.
+    pub fn position(&self, sku: &Sku, node_id: &NodeId) -> Option<Position> {
+        self.shards[self.shard_of(sku)].lock().stock(sku).and_then(|stock| stock.get(node_id).copied())
+    }
+
+    pub fn reservation(&self, id: ReservationId) -> Option<Reservation> {
+        self.reservations.get(&id.0).map(|entry| entry.value().clone())
+    }
+
+    // ----- reservations ------------------------------------------------------------------
+
+    /// An all-or-nothing hold. Lines name existing nodes (checked here), have qty > 0 and no
+    /// (sku, node) twice (checked by the caller).
+    pub fn reserve(&self, command: &ReserveCommand) -> Result<Pending<ReserveOutcome>, IndexError> {
+        let nodes = self.nodes.load_full();
+        for (index, line) in command.lines.iter().enumerate() {
+            if nodes.get(&line.node_id).is_none() {
+                return Err(IndexError::InvalidArgument(format!(
+                    "lines[{index}].node_id: unknown node {:?}",
+                    line.node_id.as_str()
+                )));
+            }
+        }
+        let fingerprint = command.fingerprint();
+        let slot = self.slot()?;
+        let mut locks = self.lock_shards(command.lines.iter().map(|line| &line.sku));
+        let map_key: IdemMapKey = (IdemNamespace::Reserve, Arc::from(command.idempotency_key.as_str()));
+        let vacant = match self.idempotency.entry(map_key) {
+            Entry::Occupied(occupied) => {
+                let entry = occupied.get();
+                if entry.fingerprint != fingerprint {
+                    return Err(IndexError::AlreadyExists(format!(
+                        "idempotency_key {:?} was used for a different request",
+                        command.idempotency_key.as_str()
+                    )));
+                }
+                let IdemOutcome::Reserved { id, expires_at_ms } = entry.outcome else {
+                    unreachable!("the reserve namespace holds only reservations")
+                };
+                drop(occupied);
+                drop(locks);
+                drop(slot);
+                return self.barrier(ReserveOutcome::Reserved { id, expires_at_ms });
+            }
+            Entry::Vacant(vacant) => vacant,
+        };
+        let available: Vec<i64> = command
+            .lines
+            .iter()
+            .map(|line| {
+                let node = nodes.get(&line.node_id).expect("checked above");
+                if !node.serves(command.channel.as_ref()) {
+                    return 0;
+                }
+                let shard = locks.shard(self.shard_of(&line.sku));
+                shard
+                    .stock(&line.sku)
+                    .and_then(|stock| stock.get(&line.node_id))
+                    .map_or(0, |position| position.atp(node))
+            })
+            .collect();
+        let shortfalls = domain::shortfalls(&command.lines, &available);
+        if !shortfalls.is_empty() {
+            // Nothing held, nothing written, nothing remembered: a retry re-evaluates.
+            return Ok(Pending { value: ReserveOutcome::Insufficient(shortfalls), ack: None });
+        }
+        let now_ms = self.clock.now_ms();
+        let id = ReservationId(self.next_reservation_id.fetch_add(1, Ordering::Relaxed));
+        let expires_at_ms = (command.ttl_ms > 0).then(|| now_ms.saturating_add(command.ttl_ms));
+        let mut mutation = Mutation::default();
+        mutation.reservation_id_high = Some(id.0);
+        for line in &command.lines {
+            let shard = locks.shard(self.shard_of(&line.sku));
+            let stock = shard.stock_mut(&line.sku);
+            let before = *stock.get(&line.node_id).expect("a line with ATP > 0 has a position");
+            let position = Position { reserved: before.reserved + line.qty, ..before };
+            self.write_position(
+                &mut mutation,
+                &nodes,
+                &line.sku,
+                &line.node_id,
+                stock,
+                Some(before),
+                position,
+            );
+        }
+        let reservation = Reservation {
+            id,
+            status: ReservationStatus::Held,
+            lines: command.lines.clone(),
+            reference: command.reference.clone(),
+            channel: command.channel.clone(),
+            idempotency_key: Some(command.idempotency_key.clone()),
+            created_at_ms: now_ms,
+            expires_at_ms,
+            updated_at_ms: now_ms,
+        };
+        mutation.put(
+            Cf::Reservations,
+            keys::reservation(id),
+            records::encode(Kind::Reservation, &ReservationRecord::from_reservation(&reservation)),
+        );
+        let record = IdempotencyRecord {
+            fingerprint,
+            created_at_ms: now_ms,
+            reservation_id: Some(id.0),
+            expires_at_ms,
+            positions: Vec::new(),
+        };
+        mutation.put(
+            Cf::Idempotency,
+            keys::idempotency(IdemNamespace::Reserve, command.idempotency_key.as_str()),
+            records::encode(Kind::Idempotency, &record),
+        );
+        let ack = mutation.acknowledged();
+        self.wal.submit(slot, mutation);
+        self.reservations.insert(id.0, reservation);
+        vacant.insert(IdemEntry {
+            fingerprint,
+            created_at_ms: now_ms,
+            outcome: IdemOutcome::Reserved { id, expires_at_ms },
+        });
+        drop(locks);
+        self.open_reservation_count.fetch_add(1, Ordering::Relaxed);
+        if let Some(expires_at_ms) = expires_at_ms {
+            self.expiry.push(id, expires_at_ms);
+        }
+        Ok(Pending::ready(ReserveOutcome::Reserved { id, expires_at_ms }, ack))
+    }
+
+    /// Confirm, extend, release or expire a reservation. `reference` replaces the reservation's
+    /// reference on confirm when not empty.
+    pub fn transition(
+        &self,
+        id: ReservationId,
+        transition: Transition,
+        reference: &str,
+    ) -> Result<Pending<Reservation>, IndexError> {
+        let lines = match self.reservations.get(&id.0) {
+            Some(reservation) => reservation.lines.clone(),
+            None => return Err(IndexError::NotFound(format!("reservation {id} does not exist"))),
+        };
+        let slot = self.slot()?;
+        let mut locks = self.lock_shards(lines.iter().map(|line| &line.sku));
+        let mut reservation = self
+            .reservations
+            .get_mut(&id.0)
+            .ok_or_else(|| IndexError::NotFound(format!("reservation {id} does not exist")))?;
+        let now_ms = self.clock.now_ms();
+        if let (Transition::Expire, Some(expires_at_ms)) = (transition, reservation.expires_at_ms)
+            && expires_at_ms > now_ms
+        {
+            // Extended since it was queued: not due.
+            let current = reservation.clone();
+            return Ok(Pending { value: current, ack: None });
+        }
+        let (status, returns_units) = match domain::transition(reservation.status, transition) {
+            TransitionOutcome::Conflict(reason) => {
+                return Err(IndexError::FailedPrecondition(format!("reservation {id}: {reason}")));
+            }
+            TransitionOutcome::NoOp if transition == Transition::Expire => {
+                // The sweep found it confirmed, released or expired already: nothing to wait for.
+                let current = reservation.clone();
+                return Ok(Pending { value: current, ack: None });
+            }
+            TransitionOutcome::NoOp => {
+                let current = reservation.clone();
+                drop(reservation);
+                drop(locks);
+                drop(slot);
+                return self.barrier(current);
+            }
+            TransitionOutcome::Apply { status, returns_units } => (status, returns_units),
+        };
+        let nodes = self.nodes.load_full();
+        let mut mutation = Mutation::default();
+        if returns_units {
+            for line in &reservation.lines {
+                let shard = locks.shard(self.shard_of(&line.sku));
+                let stock = shard.stock_mut(&line.sku);
+                let before = *stock.get(&line.node_id).expect("an open reservation's position exists");
+                assert!(
+                    before.reserved >= line.qty,
+                    "reserved {} below a held line of {}",
+                    before.reserved,
+                    line.qty
+                );
+                let position = Position { reserved: before.reserved - line.qty, ..before };
+                self.write_position(
+                    &mut mutation,
+                    &nodes,
+                    &line.sku,
+                    &line.node_id,
+                    stock,
+                    Some(before),
+                    position,
+                );
+            }
+            self.open_reservation_count.fetch_sub(1, Ordering::Relaxed);
+        }
+        reservation.status = status;
+        reservation.updated_at_ms = now_ms;
+        match transition {
+            Transition::Confirm => {
+                reservation.expires_at_ms = None;
+                if !reference.is_empty() {
+                    reservation.reference = reference.to_string();
+                }
+            }
+            Transition::Extend { expires_at_ms } => {
+                reservation.expires_at_ms = Some(expires_at_ms);
+                self.expiry.push(id, expires_at_ms);
+            }
+            Transition::Release | Transition::Expire => {}
+        }
+        if transition == Transition::Expire {
+            metrics::counter!("allot_reservations_expired_total").increment(1);
+        }
+        mutation.put(
+            Cf::Reservations,
+            keys::reservation(id),
+            records::encode(Kind::Reservation, &ReservationRecord::from_reservation(&reservation)),
+        );
+        let updated = reservation.clone();
+        let ack = mutation.acknowledged();
+        self.wal.submit(slot, mutation);
+        drop(reservation);
+        drop(locks);
+        Ok(Pending::ready(updated, ack))
+    }
+
+    // ----- background --------------------------------------------------------------------
+
+    /// Expires at most `batch_len_max` due reservations; returns how many it expired and the
+    /// pending acknowledgements (the caller need not wait for them).
+    pub fn expire_due(&self, batch_len_max: usize) -> usize {
+        let now_ms = self.clock.now_ms();
+        let due = self.expiry.pop_due(now_ms, batch_len_max);
+        let mut expired = 0;
+        for id in due {
+            match self.transition(id, Transition::Expire, "") {
+                Ok(pending) => {
+                    if pending.value.status == ReservationStatus::Expired && pending.ack.is_some() {
+                        expired += 1;
+                    }
+                }
+                Err(IndexError::Overloaded) => {
+                    // Try again on the next sweep.
+                    if let Some(expires_at_ms) = self.reservation(id).and_then(|r| r.expires_at_ms) {
+                        self.expiry.push(id, expires_at_ms);
+                    }
+                }
+                Err(_) => {}
+            }
+        }
+        expired
+    }
+
+    /// Forgets terminal reservations and idempotency keys older than their retention, at most
+    /// `batch_len_max` of each per call. Returns how many it forgot.
+    pub fn purge_expired_history(&self, batch_len_max: usize) -> Result<usize, IndexError> {
+        let now_ms = self.clock.now_ms();
+        let reservation_cutoff = now_ms.saturating_sub(self.options.terminal_retention_ms);
+        let key_cutoff = now_ms.saturating_sub(self.options.idempotency_retention_ms);
+        let old_reservations: Vec<u64> = self
+            .reservations
+            .iter()
+            .filter(|entry| !entry.status.is_open() && entry.updated_at_ms < reservation_cutoff)
+            .map(|entry| *entry.key())
+            .take(batch_len_max)
+            .collect();
+        let old_keys: Vec<IdemMapKey> = self
+            .idempotency
+            .iter()
+            .filter(|entry| entry.created_at_ms < key_cutoff)
+            .map(|entry| entry.key().clone())
+            .take(batch_len_max)
+            .collect();
+        if old_reservations.is_empty() && old_keys.is_empty() {
+            return Ok(0);
+        }
+        let slot = self.slot()?;
+        let mut mutation = Mutation::default();
+        for id in &old_reservations {
+            self.reservations.remove(id);
+            mutation.delete(Cf::Reservations, keys::reservation(ReservationId(*id)));
+        }
+        for key in &old_keys {
+            self.idempotency.remove(key);
+            mutation.delete(Cf::Idempotency, keys::idempotency(key.0, &key.1));
+        }
+        self.wal.submit(slot, mutation);
+        Ok(old_reservations.len() + old_keys.len())
+    }
+}
+
+fn atp_in(nodes: &NodeTable, node_id: &NodeId, position: &Position) -> i64 {
+    nodes.get(node_id).map_or(0, |node| position.atp(node))
+}
+
+/// The guards of a sorted set of shards.
+struct ShardLocks<'a> {
+    indexes: Vec<usize>,
+    guards: Vec<MutexGuard<'a, Shard>>,
+}
+
+impl ShardLocks<'_> {
+    fn shard(&mut self, shard_index: usize) -> &mut Shard {
+        let position =
+            self.indexes.binary_search(&shard_index).expect("the shard of every touched SKU is locked");
+        &mut self.guards[position]
+    }
+}

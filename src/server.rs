@@ -1,0 +1,251 @@
+//! Wiring: opens the store, recovers the index, starts the commit thread, the gRPC server
+//! (with health and reflection), the metrics endpoint and the background tasks; and the
+//! two-step graceful shutdown (NOT_SERVING and refuse new work, then drain, stop the commit
+//! thread, flush).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::api::inventory::InventoryApi;
+use crate::api::{Admission, Core};
+use crate::background::{self, BackgroundOptions};
+use crate::clock::Clock;
+use crate::config::{Config, ConfigError};
+use crate::events::Feed;
+use crate::index::{Index, IndexOptions};
+use crate::metrics::RpcMetrics;
+use crate::proto::{self, v1};
+use crate::store::{self, Store, StoreError, StoreOptions, WalOptions};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("opening the store: {0}")]
+    Store(#[from] StoreError),
+    #[error("binding {what} on {address}: {source}")]
+    Bind { what: &'static str, address: SocketAddr, source: std::io::Error },
+    #[error("{0}")]
+    Other(String),
+}
+
+/// A running daemon.
+pub struct Running {
+    pub grpc_address: SocketAddr,
+    pub metrics_address: SocketAddr,
+    pub core: Arc<Core>,
+    shutdown: watch::Sender<bool>,
+    finished: JoinHandle<()>,
+}
+
+impl Running {
+    /// Graceful shutdown; returns when everything acknowledged is flushed.
+    pub async fn shutdown(self) {
+        self.shutdown.send_replace(true);
+        let _ = self.finished.await;
+    }
+
+    /// Waits until the server stops on its own (it does not, short of shutdown).
+    pub async fn wait(self) {
+        let _ = self.finished.await;
+    }
+
+    /// A handle that triggers graceful shutdown from elsewhere (signal handler).
+    pub fn shutdown_trigger(&self) -> watch::Sender<bool> {
+        self.shutdown.clone()
+    }
+}
+
+/// Starts the daemon on `config`; ports 0 pick free ports (see the returned addresses).
+pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Running, StartError> {
+    config.validate()?;
+    let started = Instant::now();
+    let data_dir = config.data_dir.clone();
+    let store_options = StoreOptions { write_buffer_bytes: config.store.write_buffer_bytes };
+    let (store, recovered) = tokio::task::spawn_blocking(move || Store::open(&data_dir, &store_options))
+        .await
+        .map_err(|error| StartError::Other(error.to_string()))??;
+    let store = Arc::new(store);
+    let feed = Arc::new(Feed::new(config.server.watch_buffer_batches, config.server.watchers_max));
+    let publisher_feed = feed.clone();
+    let (wal, commit_thread) = store::wal::start(
+        store.clone(),
+        WalOptions {
+            durability: config.store.durability,
+            queue_len_max: config.store.commit_queue_len_max,
+            batch_len_max: config.store.commit_batch_len_max,
+            change_retention: config.store.change_retention,
+        },
+        Box::new(move |changes| publisher_feed.publish(changes)),
+    );
+    let index = Arc::new(Index::new(
+        IndexOptions {
+            shard_count: config.index.shard_count,
+            terminal_retention_ms: config.index.terminal_reservation_retention_ms,
+            idempotency_retention_ms: config.index.idempotency_retention_ms,
+            limits: config.limits.clone(),
+        },
+        recovered,
+        wal.clone(),
+        clock,
+    ));
+    let metrics_handle = crate::metrics::install();
+    let core = Arc::new(Core {
+        index: index.clone(),
+        store: store.clone(),
+        feed: feed.clone(),
+        admission: Admission::new(config.server.in_flight_max),
+        rpc_metrics: RpcMetrics::new(),
+        watch_out_len_max: config.server.watch_out_len_max,
+    });
+
+    let grpc_listener = TcpListener::bind(config.listen).await.map_err(|source| StartError::Bind {
+        what: "gRPC",
+        address: config.listen,
+        source,
+    })?;
+    let grpc_address = grpc_listener.local_addr().map_err(|error| StartError::Other(error.to_string()))?;
+    let metrics_listener = TcpListener::bind(config.metrics_listen)
+        .await
+        .map_err(|source| StartError::Bind { what: "metrics", address: config.metrics_listen, source })?;
+    let metrics_address =
+        metrics_listener.local_addr().map_err(|error| StartError::Other(error.to_string()))?;
+
+    let (shutdown, shutdown_receiver) = watch::channel(false);
+    let metrics_task = {
+        let mut stop = shutdown_receiver.clone();
+        tokio::spawn(async move {
+            let stopped = async move {
+                let _ = stop.wait_for(|stop| *stop).await;
+            };
+            if let Err(error) = crate::metrics::serve(metrics_listener, metrics_handle, stopped).await {
+                tracing::error!(%error, "the metrics endpoint stopped");
+            }
+        })
+    };
+
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter.set_serving::<v1::inventory_server::InventoryServer<InventoryApi>>().await;
+    health_reporter.set_service_status("", tonic_health::ServingStatus::Serving).await;
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|error| StartError::Other(error.to_string()))?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .map_err(|error| StartError::Other(error.to_string()))?;
+
+    let message_bytes_max = config.limits.message_bytes_max;
+    let inventory = v1::inventory_server::InventoryServer::new(InventoryApi::new(core.clone()))
+        .max_decoding_message_size(message_bytes_max)
+        .max_encoding_message_size(message_bytes_max);
+    // Services of later milestones: every RPC answers UNIMPLEMENTED until it is built.
+    let routing =
+        v1::routing_server::RoutingServer::new(Unbuilt).max_decoding_message_size(message_bytes_max);
+    let orders = v1::orders_server::OrdersServer::new(Unbuilt).max_decoding_message_size(message_bytes_max);
+    let fulfilment =
+        v1::fulfilment_server::FulfilmentServer::new(Unbuilt).max_decoding_message_size(message_bytes_max);
+
+    let background_tasks = background::spawn(
+        core.clone(),
+        BackgroundOptions {
+            expiry_sweep_interval_ms: config.server.expiry_sweep_interval_ms,
+            expiry_batch_len_max: config.server.expiry_batch_len_max,
+            purge_interval_ms: config.server.purge_interval_ms,
+            commit_queue_len_max: config.store.commit_queue_len_max,
+        },
+        shutdown_receiver.clone(),
+    );
+
+    let mut stop_serving = shutdown_receiver.clone();
+    let drain = Duration::from_millis(config.server.shutdown_drain_ms);
+    let shutdown_core = core.clone();
+    let shutdown_health = health_reporter.clone();
+    let serve_signal = async move {
+        let _ = stop_serving.wait_for(|stop| *stop).await;
+        // Step one: tell load balancers, refuse new work, end watches so in-flight calls drain.
+        shutdown_health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+        shutdown_health.set_not_serving::<v1::inventory_server::InventoryServer<InventoryApi>>().await;
+        shutdown_core.admission.begin_shutdown();
+        shutdown_core.feed.close();
+        tracing::info!("shutting down: not serving, draining in-flight requests");
+    };
+    let server = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(inventory)
+        .add_service(routing)
+        .add_service(orders)
+        .add_service(fulfilment)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), serve_signal);
+
+    tracing::info!(
+        grpc = %grpc_address,
+        metrics = %crate::metrics::describe_address(metrics_address),
+        startup_ms = started.elapsed().as_millis() as u64,
+        positions = index.position_count(),
+        reservations = index.reservation_count(),
+        "allotd serving"
+    );
+
+    let mut drain_signal = shutdown_receiver;
+    let finished = tokio::spawn(async move {
+        let mut server = Box::pin(server);
+        tokio::select! {
+            result = &mut server => {
+                if let Err(error) = result {
+                    tracing::error!(%error, "the gRPC server failed");
+                }
+            }
+            _ = async {
+                let _ = drain_signal.wait_for(|stop| *stop).await;
+                tokio::time::sleep(drain).await;
+            } => {
+                tracing::warn!(drain_ms = drain.as_millis() as u64, "in-flight requests did not drain in time; closing");
+            }
+        }
+        // Step two: stop background work, let the commit thread write what is queued, flush.
+        for task in background_tasks {
+            let _ = task.await;
+        }
+        let _ = metrics_task.await;
+        let wal = index.wal().clone();
+        let result = tokio::task::spawn_blocking(move || {
+            wal.stop();
+            let _ = commit_thread.join();
+            store.flush()
+        })
+        .await;
+        match result {
+            Ok(Ok(())) => tracing::info!("shutdown complete: store flushed"),
+            Ok(Err(error)) => tracing::error!(%error, "flushing the store at shutdown failed"),
+            Err(error) => tracing::error!(%error, "the shutdown task failed"),
+        }
+    });
+
+    Ok(Running { grpc_address, metrics_address, core, shutdown, finished })
+}
+
+/// A service whose RPCs all answer UNIMPLEMENTED (the generated default methods).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Unbuilt;
+
+#[tonic::async_trait]
+impl v1::routing_server::Routing for Unbuilt {}
+
+#[tonic::async_trait]
+impl v1::orders_server::Orders for Unbuilt {}
+
+#[tonic::async_trait]
+impl v1::fulfilment_server::Fulfilment for Unbuilt {}

@@ -1,0 +1,74 @@
+//! Key layouts. Ids are printable ASCII, so 0x00 is a safe separator; numbers are big-endian so
+//! RocksDB's byte order is numeric order.
+
+use crate::domain::{NodeId, ReservationId, Sku};
+
+pub fn position(sku: &Sku, node_id: &NodeId) -> Vec<u8> {
+    let mut key = Vec::with_capacity(sku.as_str().len() + 1 + node_id.as_str().len());
+    key.extend_from_slice(sku.as_str().as_bytes());
+    key.push(0);
+    key.extend_from_slice(node_id.as_str().as_bytes());
+    key
+}
+
+/// Splits a position key; `None` for a malformed key.
+pub fn split_position(key: &[u8]) -> Option<(&str, &str)> {
+    let separator = key.iter().position(|byte| *byte == 0)?;
+    let sku = std::str::from_utf8(&key[..separator]).ok()?;
+    let node = std::str::from_utf8(&key[separator + 1..]).ok()?;
+    Some((sku, node))
+}
+
+pub fn reservation(id: ReservationId) -> [u8; 8] {
+    id.0.to_be_bytes()
+}
+
+/// Idempotency keys live in namespaces, one per kind of request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum IdemNamespace {
+    Reserve,
+    Adjust,
+}
+
+impl IdemNamespace {
+    fn tag(self) -> u8 {
+        match self {
+            IdemNamespace::Reserve => b'r',
+            IdemNamespace::Adjust => b'a',
+        }
+    }
+
+    pub fn from_tag(tag: u8) -> Option<Self> {
+        match tag {
+            b'r' => Some(IdemNamespace::Reserve),
+            b'a' => Some(IdemNamespace::Adjust),
+            _ => None,
+        }
+    }
+}
+
+pub fn idempotency(namespace: IdemNamespace, key: &str) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(1 + key.len());
+    bytes.push(namespace.tag());
+    bytes.extend_from_slice(key.as_bytes());
+    bytes
+}
+
+/// Availability changes, by sequence.
+pub fn change(sequence: u64) -> [u8; 9] {
+    let mut key = [0u8; 9];
+    key[0] = b'a';
+    key[1..].copy_from_slice(&sequence.to_be_bytes());
+    key
+}
+
+pub fn change_sequence(key: &[u8]) -> Option<u64> {
+    if key.len() != 9 || key[0] != b'a' {
+        return None;
+    }
+    Some(u64::from_be_bytes(key[1..].try_into().ok()?))
+}
+
+pub const META_FORMAT_VERSION: &[u8] = b"format_version";
+pub const META_LAST_SEQUENCE: &[u8] = b"last_sequence";
+pub const META_NEXT_RESERVATION_ID: &[u8] = b"next_reservation_id";

@@ -1,0 +1,237 @@
+//! Opening the RocksDB store and recovering the full state from it.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use rocksdb::{
+    ColumnFamily, ColumnFamilyDescriptor, DB, DBCompressionType, Direction, IteratorMode, Options,
+};
+
+use super::keys::{self, IdemNamespace};
+use super::records::{
+    self, ChangeRecord, CounterRecord, DecodeError, IdempotencyRecord, Kind, NodeRecord, PositionRecord,
+    ReservationRecord,
+};
+use super::{Cf, StoreError};
+use crate::domain::{AvailabilityChange, Node, NodeId, Position, Reservation, Sku};
+
+/// The format this build writes; a newer one on disk is refused rather than misread.
+const STORE_FORMAT_VERSION: u64 = 1;
+
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// RocksDB block cache and memtable budget hint, in bytes.
+    pub write_buffer_bytes: usize,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        Self { write_buffer_bytes: 64 * 1024 * 1024 }
+    }
+}
+
+/// A raw key and value read back from RocksDB.
+type KeyValue = (Box<[u8]>, Box<[u8]>);
+
+pub struct Store {
+    db: DB,
+    /// Oldest availability change still on disk.
+    first_sequence: AtomicU64,
+    recovered_last_sequence: u64,
+}
+
+/// Everything read back at start-up.
+#[derive(Default)]
+pub struct Recovered {
+    pub nodes: Vec<Node>,
+    pub positions: Vec<(Sku, NodeId, Position)>,
+    pub reservations: Vec<Reservation>,
+    pub idempotency: Vec<(IdemNamespace, String, IdempotencyRecord)>,
+    /// One past the highest reservation id ever allocated.
+    pub next_reservation_id: u64,
+    pub last_sequence: u64,
+}
+
+impl Store {
+    /// Opens (or creates) the store and reads back the whole state.
+    pub fn open(path: &Path, options: &StoreOptions) -> Result<(Store, Recovered), StoreError> {
+        std::fs::create_dir_all(path)
+            .map_err(|source| StoreError::Io { path: path.display().to_string(), source })?;
+        let mut db_options = Options::default();
+        db_options.create_if_missing(true);
+        db_options.create_missing_column_families(true);
+        db_options.set_compression_type(DBCompressionType::Lz4);
+        db_options.set_write_buffer_size(options.write_buffer_bytes);
+        db_options.set_max_background_jobs(2);
+        db_options.set_keep_log_file_num(4);
+        let descriptors = Cf::ALL.iter().map(|cf| {
+            let mut cf_options = Options::default();
+            cf_options.set_compression_type(DBCompressionType::Lz4);
+            cf_options.set_write_buffer_size(options.write_buffer_bytes);
+            ColumnFamilyDescriptor::new(cf.name(), cf_options)
+        });
+        let db = DB::open_cf_descriptors(&db_options, path, descriptors)?;
+        let mut store = Store { db, first_sequence: AtomicU64::new(1), recovered_last_sequence: 0 };
+        let recovered = store.recover()?;
+        Ok((store, recovered))
+    }
+
+    pub fn db(&self) -> &DB {
+        &self.db
+    }
+
+    pub fn cf(&self, cf: Cf) -> &ColumnFamily {
+        self.db.cf_handle(cf.name()).expect("every column family is created at open")
+    }
+
+    pub fn recovered_last_sequence(&self) -> u64 {
+        self.recovered_last_sequence
+    }
+
+    pub fn recovered_first_sequence(&self) -> u64 {
+        self.first_sequence.load(Ordering::Acquire)
+    }
+
+    /// The oldest sequence a resume can start from.
+    pub fn first_sequence(&self) -> u64 {
+        self.first_sequence.load(Ordering::Acquire)
+    }
+
+    pub(super) fn set_first_sequence(&self, sequence: u64) {
+        self.first_sequence.store(sequence, Ordering::Release);
+    }
+
+    /// Availability changes with sequence >= `from`, at most `limit` (a resume reads in pages).
+    pub fn read_changes(&self, from: u64, limit: usize) -> Result<Vec<AvailabilityChange>, StoreError> {
+        let start = keys::change(from);
+        let mut changes = Vec::new();
+        let iterator =
+            self.db.iterator_cf(self.cf(Cf::Events), IteratorMode::From(&start, Direction::Forward));
+        for item in iterator.take(limit) {
+            let (key, value) = item?;
+            let Some(sequence) = keys::change_sequence(&key) else { break };
+            let record: ChangeRecord = decode(Cf::Events, &key, Kind::Change, &value)?;
+            changes.push(record.into_change(sequence).map_err(|error| corrupt(Cf::Events, &key, error))?);
+        }
+        Ok(changes)
+    }
+
+    /// Flushes memtables (a clean shutdown makes the next start-up faster).
+    pub fn flush(&self) -> Result<(), StoreError> {
+        for cf in Cf::ALL {
+            self.db.flush_cf(self.cf(cf))?;
+        }
+        Ok(())
+    }
+
+    fn recover(&mut self) -> Result<Recovered, StoreError> {
+        let started = Instant::now();
+        let mut recovered = Recovered::default();
+        self.check_format_version()?;
+        for (key, value) in self.scan(Cf::Nodes)? {
+            let record: NodeRecord = decode(Cf::Nodes, &key, Kind::Node, &value)?;
+            recovered.nodes.push(record.into_node().map_err(|error| corrupt(Cf::Nodes, &key, error))?);
+        }
+        for (key, value) in self.scan(Cf::Positions)? {
+            let record: PositionRecord = decode(Cf::Positions, &key, Kind::Position, &value)?;
+            let (sku, node) = keys::split_position(&key)
+                .ok_or_else(|| corrupt(Cf::Positions, &key, DecodeError::Field("key".into())))?;
+            let sku = Sku::parse(sku)
+                .map_err(|error| corrupt(Cf::Positions, &key, DecodeError::Field(error.to_string())))?;
+            let node = NodeId::parse(node)
+                .map_err(|error| corrupt(Cf::Positions, &key, DecodeError::Field(error.to_string())))?;
+            recovered.positions.push((sku, node, record.into_position()));
+        }
+        let mut highest_id = 0;
+        for (key, value) in self.scan(Cf::Reservations)? {
+            let record: ReservationRecord = decode(Cf::Reservations, &key, Kind::Reservation, &value)?;
+            let reservation =
+                record.into_reservation().map_err(|error| corrupt(Cf::Reservations, &key, error))?;
+            highest_id = highest_id.max(reservation.id.0);
+            recovered.reservations.push(reservation);
+        }
+        for (key, value) in self.scan(Cf::Idempotency)? {
+            let record: IdempotencyRecord = decode(Cf::Idempotency, &key, Kind::Idempotency, &value)?;
+            let namespace = key.first().copied().and_then(IdemNamespace::from_tag);
+            let text = std::str::from_utf8(key.get(1..).unwrap_or_default()).ok();
+            let (Some(namespace), Some(text)) = (namespace, text) else {
+                return Err(corrupt(Cf::Idempotency, &key, DecodeError::Field("key".into())));
+            };
+            recovered.idempotency.push((namespace, text.to_string(), record));
+        }
+        let next_id = self.counter(keys::META_NEXT_RESERVATION_ID)?.unwrap_or(0);
+        recovered.next_reservation_id = next_id.max(highest_id) + 1;
+        let mut first = self.db.iterator_cf(self.cf(Cf::Events), IteratorMode::Start);
+        let first_sequence = match first.next() {
+            Some(item) => keys::change_sequence(&item?.0).unwrap_or(1),
+            None => 1,
+        };
+        let last_sequence = self.counter(keys::META_LAST_SEQUENCE)?.unwrap_or(0);
+        self.first_sequence.store(first_sequence.min(last_sequence + 1), Ordering::Release);
+        self.recovered_last_sequence = last_sequence;
+        recovered.last_sequence = last_sequence;
+        tracing::info!(
+            nodes = recovered.nodes.len(),
+            positions = recovered.positions.len(),
+            reservations = recovered.reservations.len(),
+            idempotency_keys = recovered.idempotency.len(),
+            last_sequence,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "recovered state from the store"
+        );
+        Ok(recovered)
+    }
+
+    fn check_format_version(&self) -> Result<(), StoreError> {
+        match self.counter(keys::META_FORMAT_VERSION)? {
+            Some(found) if found > STORE_FORMAT_VERSION => {
+                Err(StoreError::FormatVersion { found: found as u32, supported: STORE_FORMAT_VERSION as u32 })
+            }
+            Some(_) => Ok(()),
+            None => {
+                let value = records::encode(Kind::Counter, &CounterRecord { value: STORE_FORMAT_VERSION });
+                let mut options = rocksdb::WriteOptions::default();
+                options.set_sync(true);
+                let mut batch = rocksdb::WriteBatch::default();
+                batch.put_cf(self.cf(Cf::Meta), keys::META_FORMAT_VERSION, value);
+                self.db.write_opt(batch, &options)?;
+                Ok(())
+            }
+        }
+    }
+
+    fn counter(&self, key: &[u8]) -> Result<Option<u64>, StoreError> {
+        match self.db.get_cf(self.cf(Cf::Meta), key)? {
+            None => Ok(None),
+            Some(value) => {
+                let record: CounterRecord = decode(Cf::Meta, key, Kind::Counter, &value)?;
+                Ok(Some(record.value))
+            }
+        }
+    }
+
+    fn scan(&self, cf: Cf) -> Result<Vec<KeyValue>, StoreError> {
+        self.db
+            .iterator_cf(self.cf(cf), IteratorMode::Start)
+            .map(|item| item.map_err(StoreError::from))
+            .collect()
+    }
+}
+
+fn decode<M: prost::Message + Default>(
+    cf: Cf,
+    key: &[u8],
+    kind: Kind,
+    value: &[u8],
+) -> Result<M, StoreError> {
+    records::decode(kind, value).map_err(|error| corrupt(cf, key, error))
+}
+
+fn corrupt(cf: Cf, key: &[u8], error: DecodeError) -> StoreError {
+    StoreError::Corrupt {
+        cf: cf.name(),
+        key: String::from_utf8_lossy(key).escape_debug().to_string(),
+        reason: error.to_string(),
+    }
+}

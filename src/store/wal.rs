@@ -1,0 +1,266 @@
+//! The group-commit thread. Writers hand it `Mutation`s through a bounded crossbeam channel
+//! while they still hold their shard locks (so log order = apply order for every key); the
+//! thread writes everything queued as one `WriteBatch` with `sync = true`, gives availability
+//! changes their sequence numbers, and only then acknowledges the waiters and publishes the
+//! changes. A failed write or fsync stops the process: memory must never run ahead of disk for
+//! an acknowledged change.
+//!
+//! Load shedding happens before any state changes: a writer first takes a `Slot` (a place in
+//! the queue); without one it answers RESOURCE_EXHAUSTED, with one its later send cannot block.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Instant;
+
+use crossbeam_channel::{Receiver, Sender, TryRecvError};
+use rocksdb::{WriteBatch, WriteOptions};
+use tokio::sync::oneshot;
+
+use super::Cf;
+use super::keys;
+use super::records::{self, ChangeRecord, CounterRecord, Kind};
+use super::rocks::Store;
+use crate::domain::AvailabilityChange;
+
+/// `fsync` each group commit (the default and the contract), or leave flushing to the OS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    Fsync,
+    /// Acknowledged changes can be lost on power failure (not on a process crash).
+    Buffered,
+}
+
+#[derive(Debug, Clone)]
+pub struct WalOptions {
+    pub durability: Durability,
+    /// Mutations the queue holds; beyond this writers are shed.
+    pub queue_len_max: usize,
+    /// Mutations written per WriteBatch at most.
+    pub batch_len_max: usize,
+    /// Availability changes kept on disk for `from_sequence` resumes.
+    pub change_retention: u64,
+}
+
+pub enum Op {
+    Put { cf: Cf, key: Vec<u8>, value: Vec<u8> },
+    Delete { cf: Cf, key: Vec<u8> },
+}
+
+/// One atomic change of durable state.
+#[derive(Default)]
+pub struct Mutation {
+    pub ops: Vec<Op>,
+    /// Sequenced, written to the events column family and published after the fsync.
+    pub changes: Vec<AvailabilityChange>,
+    /// The highest reservation id this mutation allocated (persisted as a high-water mark).
+    pub reservation_id_high: Option<u64>,
+    /// Completed after the batch holding this mutation is durable.
+    pub ack: Option<oneshot::Sender<()>>,
+    /// The last mutation: the commit thread writes its batch and exits.
+    stop: bool,
+}
+
+impl Mutation {
+    pub fn put(&mut self, cf: Cf, key: impl Into<Vec<u8>>, value: Vec<u8>) {
+        self.ops.push(Op::Put { cf, key: key.into(), value });
+    }
+
+    pub fn delete(&mut self, cf: Cf, key: impl Into<Vec<u8>>) {
+        self.ops.push(Op::Delete { cf, key: key.into() });
+    }
+
+    /// Attaches an acknowledgement and returns the receiver to await.
+    pub fn acknowledged(&mut self) -> oneshot::Receiver<()> {
+        let (sender, receiver) = oneshot::channel();
+        self.ack = Some(sender);
+        receiver
+    }
+}
+
+/// Called by the commit thread with each durable batch of changes, in sequence order.
+pub type Publisher = Box<dyn FnMut(Vec<AvailabilityChange>) + Send>;
+
+/// The writers' side of the commit thread.
+#[derive(Clone)]
+pub struct WalHandle {
+    sender: Sender<Mutation>,
+    queued: Arc<AtomicUsize>,
+    queue_len_max: usize,
+    /// The last sequence number made durable (and published).
+    last_sequence: Arc<AtomicU64>,
+}
+
+/// A reserved place in the commit queue; dropping it unused gives the place back.
+pub struct Slot<'a> {
+    queued: &'a AtomicUsize,
+    used: bool,
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        if !self.used {
+            self.queued.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+/// The commit queue is full: shed the request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueFull;
+
+impl WalHandle {
+    pub fn try_slot(&self) -> Result<Slot<'_>, QueueFull> {
+        let before = self.queued.fetch_add(1, Ordering::AcqRel);
+        if before >= self.queue_len_max {
+            self.queued.fetch_sub(1, Ordering::AcqRel);
+            metrics::counter!("allot_shed_requests_total", "reason" => "commit_queue").increment(1);
+            return Err(QueueFull);
+        }
+        Ok(Slot { queued: &self.queued, used: false })
+    }
+
+    /// Hands a mutation to the commit thread. Never blocks: the slot guarantees room.
+    pub fn submit(&self, mut slot: Slot<'_>, mutation: Mutation) {
+        slot.used = true;
+        if self.sender.try_send(mutation).is_err() {
+            // Only possible when the commit thread has stopped, i.e. the process is exiting
+            // after a fatal storage error: the waiter's ack is dropped and it answers
+            // UNAVAILABLE; nothing was acknowledged.
+            self.queued.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
+    /// Asks the commit thread to finish what is queued and exit (graceful shutdown).
+    pub fn stop(&self) {
+        self.queued.fetch_add(1, Ordering::AcqRel);
+        let _ = self.sender.send(Mutation { stop: true, ..Mutation::default() });
+    }
+
+    pub fn queued(&self) -> usize {
+        self.queued.load(Ordering::Acquire)
+    }
+
+    pub fn last_sequence(&self) -> u64 {
+        self.last_sequence.load(Ordering::Acquire)
+    }
+}
+
+/// Starts the commit thread. It ends when every `WalHandle` is dropped and the queue is drained.
+pub fn start(
+    store: Arc<Store>,
+    options: WalOptions,
+    mut publisher: Publisher,
+) -> (WalHandle, std::thread::JoinHandle<()>) {
+    assert!(options.queue_len_max > 0 && options.batch_len_max > 0);
+    let (sender, receiver) = crossbeam_channel::bounded(options.queue_len_max);
+    let queued = Arc::new(AtomicUsize::new(0));
+    let last_sequence = Arc::new(AtomicU64::new(store.recovered_last_sequence()));
+    let handle = WalHandle {
+        sender,
+        queued: queued.clone(),
+        queue_len_max: options.queue_len_max,
+        last_sequence: last_sequence.clone(),
+    };
+    let thread = std::thread::Builder::new()
+        .name("allot-commit".into())
+        .spawn(move || commit_loop(&store, &options, &receiver, &queued, &last_sequence, &mut publisher))
+        .expect("spawning the commit thread");
+    (handle, thread)
+}
+
+fn commit_loop(
+    store: &Store,
+    options: &WalOptions,
+    receiver: &Receiver<Mutation>,
+    queued: &AtomicUsize,
+    last_sequence: &AtomicU64,
+    publisher: &mut Publisher,
+) {
+    let mut write_options = WriteOptions::default();
+    write_options.set_sync(options.durability == Durability::Fsync);
+    let mut sequence = last_sequence.load(Ordering::Acquire);
+    let mut trimmed_below = store.recovered_first_sequence();
+    let mut reservation_id_high = 0u64;
+    let mut reservation_id_written = 0u64;
+    let mut batch: Vec<Mutation> = Vec::with_capacity(options.batch_len_max);
+    while let Ok(first) = receiver.recv() {
+        batch.push(first);
+        while batch.len() < options.batch_len_max {
+            match receiver.try_recv() {
+                Ok(mutation) => batch.push(mutation),
+                Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
+            }
+        }
+        queued.fetch_sub(batch.len(), Ordering::AcqRel);
+        let stopping = batch.iter().any(|mutation| mutation.stop);
+        let mut write_batch = WriteBatch::default();
+        let mut published = Vec::new();
+        for mutation in &mut batch {
+            for op in mutation.ops.drain(..) {
+                match op {
+                    Op::Put { cf, key, value } => write_batch.put_cf(store.cf(cf), key, value),
+                    Op::Delete { cf, key } => write_batch.delete_cf(store.cf(cf), key),
+                }
+            }
+            for mut change in mutation.changes.drain(..) {
+                sequence += 1;
+                change.sequence = sequence;
+                let value = records::encode(Kind::Change, &ChangeRecord::from_change(&change));
+                write_batch.put_cf(store.cf(Cf::Events), keys::change(sequence), value);
+                published.push(change);
+            }
+            if let Some(high) = mutation.reservation_id_high {
+                reservation_id_high = reservation_id_high.max(high);
+            }
+        }
+        if !published.is_empty() {
+            let value = records::encode(Kind::Counter, &CounterRecord { value: sequence });
+            write_batch.put_cf(store.cf(Cf::Meta), keys::META_LAST_SEQUENCE, value);
+            // Bounded history: drop changes older than the retention, in steps so the range
+            // delete is rare.
+            let keep_from = sequence.saturating_sub(options.change_retention) + 1;
+            if keep_from > trimmed_below + options.change_retention / 8 + 1 {
+                write_batch.delete_range_cf(
+                    store.cf(Cf::Events),
+                    keys::change(trimmed_below),
+                    keys::change(keep_from),
+                );
+                trimmed_below = keep_from;
+                store.set_first_sequence(keep_from);
+            }
+        }
+        if reservation_id_high > reservation_id_written {
+            let value = records::encode(Kind::Counter, &CounterRecord { value: reservation_id_high });
+            write_batch.put_cf(store.cf(Cf::Meta), keys::META_NEXT_RESERVATION_ID, value);
+            reservation_id_written = reservation_id_high;
+        }
+        let started = Instant::now();
+        if let Err(error) = store.db().write_opt(write_batch, &write_options) {
+            fatal(&format!("the write-ahead store failed to write and fsync a batch: {error}"));
+        }
+        metrics::histogram!("allot_commit_fsync_seconds").record(started.elapsed().as_secs_f64());
+        metrics::histogram!("allot_commit_batch_mutations").record(batch.len() as f64);
+        last_sequence.store(sequence, Ordering::Release);
+        for mutation in batch.drain(..) {
+            if let Some(ack) = mutation.ack {
+                // The waiter may have gone (client cancelled): the change is durable anyway.
+                let _ = ack.send(());
+            }
+        }
+        if !published.is_empty() {
+            publisher(published);
+        }
+        if stopping {
+            tracing::info!(last_sequence = sequence, "commit thread stopped");
+            return;
+        }
+    }
+}
+
+/// An unrecoverable storage failure: say so once, clearly, and stop without acknowledging.
+pub fn fatal(message: &str) -> ! {
+    tracing::error!("FATAL: {message}; stopping without acknowledging pending requests");
+    eprintln!("allotd: FATAL: {message}");
+    std::process::exit(70)
+}

@@ -1,0 +1,108 @@
+//! Shared test helpers: an in-process index on a real RocksDB, in-process servers on port 0,
+//! the real `allotd` binary as a child process, and gRPC clients.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use allot::clock::Clock;
+use allot::config::Config;
+use allot::domain::Limits;
+use allot::events::Feed;
+use allot::index::{Index, IndexOptions};
+use allot::proto::v1;
+use allot::store::{self, Durability, Store, StoreOptions, WalOptions};
+
+/// An index over a real store, without gRPC: for model tests.
+pub struct Engine {
+    pub index: Arc<Index>,
+    pub store: Arc<Store>,
+    commit_thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Engine {
+    pub fn open(dir: &Path, clock: Arc<dyn Clock>) -> Engine {
+        let (store, recovered) = Store::open(dir, &StoreOptions::default()).expect("open store");
+        let store = Arc::new(store);
+        let feed = Arc::new(Feed::new(1024, 16));
+        let (wal, commit_thread) = store::wal::start(
+            store.clone(),
+            WalOptions {
+                durability: Durability::Fsync,
+                queue_len_max: 4096,
+                batch_len_max: 512,
+                change_retention: 100_000,
+            },
+            Box::new(move |changes| feed.publish(changes)),
+        );
+        let index = Arc::new(Index::new(
+            IndexOptions {
+                shard_count: 8,
+                terminal_retention_ms: u64::MAX / 4,
+                idempotency_retention_ms: u64::MAX / 4,
+                limits: Limits::default(),
+            },
+            recovered,
+            wal,
+            clock,
+        ));
+        Engine { index, store, commit_thread: Some(commit_thread) }
+    }
+
+    /// Stops the commit thread after it wrote everything queued, and closes the store.
+    pub fn close(mut self) {
+        self.index.wal().stop();
+        if let Some(thread) = self.commit_thread.take() {
+            thread.join().expect("commit thread");
+        }
+    }
+}
+
+/// A config for an in-process or child daemon on free ports under `dir`.
+pub fn test_config(dir: &Path) -> Config {
+    Config {
+        data_dir: dir.to_path_buf(),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        metrics_listen: "127.0.0.1:0".parse().unwrap(),
+        ..Config::default()
+    }
+}
+
+pub type InventoryClient = v1::inventory_client::InventoryClient<tonic::transport::Channel>;
+
+pub async fn inventory_client(address: SocketAddr) -> InventoryClient {
+    let endpoint = format!("http://{address}");
+    for _ in 0..100 {
+        if let Ok(client) = v1::inventory_client::InventoryClient::connect(endpoint.clone()).await {
+            return client;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("could not connect to {endpoint}");
+}
+
+pub fn node(node_id: &str, lat: f64, lon: f64) -> v1::Node {
+    v1::Node {
+        node_id: node_id.into(),
+        r#type: v1::node::Type::Warehouse as i32,
+        location: Some(v1::Location { lat, lon }),
+        enabled: true,
+        can_ship: true,
+        can_pickup: false,
+        daily_capacity: 0,
+        processing_days: 1,
+        priority: 0,
+        rates: Some(v1::ShippingRates { base_cost: 500, cost_per_km: 1, cost_per_unit: 10 }),
+        default_safety_stock: 0,
+        channels: Vec::new(),
+    }
+}
+
+pub fn line(sku: &str, node_id: &str, qty: i64) -> v1::ReserveLine {
+    v1::ReserveLine { sku: sku.into(), node_id: node_id.into(), qty }
+}
+
+pub fn stock(sku: &str, node_id: &str, on_hand: i64) -> v1::StockEntry {
+    v1::StockEntry { sku: sku.into(), node_id: node_id.into(), on_hand, safety_stock: None }
+}
