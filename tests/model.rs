@@ -339,3 +339,43 @@ proptest! {
         run(ops);
     }
 }
+
+#[test]
+fn expiry_happens_exactly_at_expires_at() {
+    // Goal: a hold is released at expires_at, not a millisecond before or after; an extension
+    // moves that instant. Method: a manual clock stepped to either side of the boundary.
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(5_000));
+    let engine = common::Engine::open(dir.path(), clock.clone());
+    engine.index.upsert_nodes(nodes()).unwrap().durable_blocking().unwrap();
+    let entry = StockEntry { sku: sku(0), node_id: node_id(0), on_hand: 10, safety_stock: None };
+    engine.index.set_stock(&[entry]).unwrap().durable_blocking().unwrap();
+    let command = ReserveCommand {
+        idempotency_key: IdempotencyKey::parse("boundary").unwrap(),
+        lines: vec![ReserveLine { sku: sku(0), node_id: node_id(0), qty: 4 }],
+        ttl_ms: 1_000,
+        reference: String::new(),
+        channel: None,
+    };
+    let ReserveOutcome::Reserved { id, expires_at_ms } =
+        engine.index.reserve(&command).unwrap().durable_blocking().unwrap()
+    else {
+        panic!("stock is there")
+    };
+    assert_eq!(expires_at_ms, Some(6_000));
+    let status = |engine: &common::Engine| engine.index.reservation(id).unwrap().status;
+    clock.set_ms(5_999);
+    assert_eq!(engine.index.expire_due(100), 0);
+    assert_eq!(status(&engine), ReservationStatus::Held);
+    // Extend at 5,999 by 500 ms: the old instant passes without effect.
+    let extended = Transition::Extend { expires_at_ms: 6_499 };
+    engine.index.transition(id, extended, "").unwrap().durable_blocking().unwrap();
+    clock.set_ms(6_000);
+    assert_eq!(engine.index.expire_due(100), 0);
+    assert_eq!(status(&engine), ReservationStatus::Held);
+    clock.set_ms(6_499);
+    assert_eq!(engine.index.expire_due(100), 1);
+    assert_eq!(status(&engine), ReservationStatus::Expired);
+    assert_eq!(engine.index.position(&sku(0), &node_id(0)).unwrap().reserved, 0);
+    engine.close();
+}

@@ -11,9 +11,6 @@ pub enum ServiceError {
     /// Malformed input; nothing was stored. The message names the field (and line).
     #[error("{0}")]
     InvalidArgument(String),
-    /// Over a size limit.
-    #[error("{0}")]
-    TooLarge(String),
     #[error(transparent)]
     Index(#[from] IndexError),
     #[error(transparent)]
@@ -28,7 +25,6 @@ impl From<ServiceError> for Status {
     fn from(error: ServiceError) -> Self {
         let code = match &error {
             ServiceError::InvalidArgument(_) => Code::InvalidArgument,
-            ServiceError::TooLarge(_) => Code::ResourceExhausted,
             ServiceError::Index(index) => match index {
                 IndexError::InvalidArgument(_) => Code::InvalidArgument,
                 IndexError::NotFound(_) => Code::NotFound,

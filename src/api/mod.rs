@@ -6,6 +6,7 @@
 pub mod convert;
 pub mod errors;
 pub mod inventory;
+pub mod oversize;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};

@@ -122,21 +122,23 @@ pub fn watch_availability(
             None => {
                 let at = index.wal().last_sequence();
                 let mut items = Vec::new();
-                index.snapshot(&request.skus, |sku, node_id, atp, totals| {
-                    if filter.wants(sku, node_id, &index) {
-                        items.push(WatchItem {
-                            sku: sku.clone(),
-                            node_id: node_id.clone(),
-                            atp,
-                            total_atp: filter.total(totals, &index),
-                            sequence: at,
-                            snapshot: true,
-                        });
-                    }
-                });
-                for item in items {
-                    if sender.send(Ok(item)).await.is_err() {
-                        return;
+                for part in 0..index.snapshot_part_count() {
+                    index.snapshot_part(part, &request.skus, |sku, node_id, atp, totals| {
+                        if filter.wants(sku, node_id, &index) {
+                            items.push(WatchItem {
+                                sku: sku.clone(),
+                                node_id: node_id.clone(),
+                                atp,
+                                total_atp: filter.total(totals, &index),
+                                sequence: at,
+                                snapshot: true,
+                            });
+                        }
+                    });
+                    for item in items.drain(..) {
+                        if sender.send(Ok(item)).await.is_err() {
+                            return;
+                        }
                     }
                 }
                 at
@@ -175,6 +177,9 @@ pub fn watch_availability(
         loop {
             let received = tokio::select! {
                 received = live.recv() => received,
+                // The client went away: free the watcher slot now, not at the next matching
+                // change (a filtered watch on a quiet SKU may never see one).
+                _ = sender.closed() => return,
                 _ = async { closed.wait_for(|closed| *closed).await.map(|_| ()) } => {
                     let _ = sender.send(Err(WatchError::Closed { resume_from: last_sent + 1 })).await;
                     return;

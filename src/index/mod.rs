@@ -71,6 +71,12 @@ impl NodeTable {
         self.by_id.get(node_id)
     }
 
+    /// The table's own copy of `node_id`, so that millions of positions share one string per
+    /// node instead of holding one each.
+    pub fn shared_id(&self, node_id: &NodeId) -> NodeId {
+        self.by_id.get(node_id).map_or_else(|| node_id.clone(), |node| node.node_id.clone())
+    }
+
     /// Every node, ordered by id.
     pub fn sorted(&self) -> Vec<Arc<Node>> {
         let mut nodes: Vec<Arc<Node>> = self.by_id.values().cloned().collect();
@@ -189,8 +195,10 @@ impl Index {
             clock,
             options,
         };
+        let table = index.nodes.load_full();
         for (sku, node_id, position) in recovered.positions {
             let shard_index = index.shard_of(&sku);
+            let node_id = table.shared_id(&node_id);
             index.shards[shard_index].lock().stock_mut(&sku).set(&node_id, position);
             index.position_count.fetch_add(1, Ordering::Relaxed);
         }
@@ -486,7 +494,7 @@ impl Index {
         before: Option<Position>,
         position: Position,
     ) {
-        stock.set(node_id, position);
+        stock.set(&nodes.shared_id(node_id), position);
         mutation.put(
             Cf::Positions,
             keys::position(sku, node_id),
@@ -538,9 +546,20 @@ impl Index {
             .collect()
     }
 
-    /// Every position's current ATP for `skus` (empty = all), for a Watch snapshot; calls
-    /// `emit` with (sku, node, atp, totals) one shard at a time.
-    pub fn snapshot(&self, skus: &[Sku], mut emit: impl FnMut(&Sku, &NodeId, i64, &domain::Totals)) {
+    /// How many parts a whole-catalogue snapshot is taken in (one per shard).
+    pub fn snapshot_part_count(&self) -> usize {
+        self.shards.len()
+    }
+
+    /// The current ATP of every position in snapshot part `part` (a shard) whose SKU is in
+    /// `skus` (empty = all): calls `emit` with (sku, node, atp, totals). Taking the snapshot a
+    /// shard at a time bounds what a watcher buffers and how long any lock is held.
+    pub fn snapshot_part(
+        &self,
+        part: usize,
+        skus: &[Sku],
+        mut emit: impl FnMut(&Sku, &NodeId, i64, &domain::Totals),
+    ) {
         let nodes = self.nodes.load_full();
         let mut visit = |sku: &Sku, stock: &SkuStock| {
             let totals = stock.totals(&nodes);
@@ -548,16 +567,13 @@ impl Index {
                 emit(sku, node_id, atp_in(&nodes, node_id, position), &totals);
             }
         };
+        let shard = self.shards[part].lock();
         if skus.is_empty() {
-            for shard in self.shards.iter() {
-                let shard = shard.lock();
-                for (sku, stock) in shard.skus.iter() {
-                    visit(sku, stock);
-                }
+            for (sku, stock) in shard.skus.iter() {
+                visit(sku, stock);
             }
         } else {
-            for sku in skus {
-                let shard = self.shards[self.shard_of(sku)].lock();
+            for sku in skus.iter().filter(|sku| self.shard_of(sku) == part) {
                 if let Some(stock) = shard.stock(sku) {
                     visit(sku, stock);
                 }
@@ -714,21 +730,19 @@ impl Index {
             .get_mut(&id.0)
             .ok_or_else(|| IndexError::NotFound(format!("reservation {id} does not exist")))?;
         let now_ms = self.clock.now_ms();
-        if let (Transition::Expire, Some(expires_at_ms)) = (transition, reservation.expires_at_ms)
-            && expires_at_ms > now_ms
-        {
-            // Extended since it was queued: not due.
+        let due = reservation.status == ReservationStatus::Held
+            && reservation.expires_at_ms.is_some_and(|expires_at_ms| expires_at_ms <= now_ms);
+        if transition == Transition::Expire && !due {
+            // Extended, confirmed or released since the sweep queued it: nothing to do.
             let current = reservation.clone();
             return Ok(Pending { value: current, ack: None });
         }
-        let (status, returns_units) = match domain::transition(reservation.status, transition) {
+        // A hold past its expires_at is expired whether or not the sweep has reached it: expire
+        // it now, then judge the requested transition against EXPIRED below.
+        let applied = if due { Transition::Expire } else { transition };
+        let (status, returns_units) = match domain::transition(reservation.status, applied) {
             TransitionOutcome::Conflict(reason) => {
                 return Err(IndexError::FailedPrecondition(format!("reservation {id}: {reason}")));
-            }
-            TransitionOutcome::NoOp if transition == Transition::Expire => {
-                // The sweep found it confirmed, released or expired already: nothing to wait for.
-                let current = reservation.clone();
-                return Ok(Pending { value: current, ack: None });
             }
             TransitionOutcome::NoOp => {
                 let current = reservation.clone();
@@ -767,7 +781,7 @@ impl Index {
         }
         reservation.status = status;
         reservation.updated_at_ms = now_ms;
-        match transition {
+        match applied {
             Transition::Confirm => {
                 reservation.expires_at_ms = None;
                 if !reference.is_empty() {
@@ -778,10 +792,8 @@ impl Index {
                 reservation.expires_at_ms = Some(expires_at_ms);
                 self.expiry.push(id, expires_at_ms);
             }
-            Transition::Release | Transition::Expire => {}
-        }
-        if transition == Transition::Expire {
-            metrics::counter!("allot_reservations_expired_total").increment(1);
+            Transition::Expire => metrics::counter!("allot_reservations_expired_total").increment(1),
+            Transition::Release => {}
         }
         mutation.put(
             Cf::Reservations,
@@ -793,6 +805,16 @@ impl Index {
         self.wal.submit(slot, mutation);
         drop(reservation);
         drop(locks);
+        if applied != transition {
+            // The hold expired on the spot; the request meets an EXPIRED reservation.
+            return match domain::transition(ReservationStatus::Expired, transition) {
+                TransitionOutcome::Conflict(reason) => {
+                    Err(IndexError::FailedPrecondition(format!("reservation {id}: {reason}")))
+                }
+                TransitionOutcome::NoOp => Ok(Pending::ready(updated, ack)),
+                TransitionOutcome::Apply { .. } => unreachable!("no transition leaves EXPIRED"),
+            };
+        }
         Ok(Pending::ready(updated, ack))
     }
 

@@ -1,6 +1,8 @@
 //! Shared test helpers: an in-process index on a real RocksDB, in-process servers on port 0,
-//! the real `allotd` binary as a child process, and gRPC clients.
+//! the real `allotd` binary as a child process (`daemon`), and gRPC clients.
 #![allow(dead_code)]
+
+pub mod daemon;
 
 use std::net::SocketAddr;
 use std::path::Path;

@@ -1,0 +1,114 @@
+//! Index benchmarks: the in-memory decision and hand-off to the commit thread, without the
+//! network. The store runs in `buffered` mode here so the figures show the index, not the
+//! disk (the fsync'd path is measured end to end by allot-load).
+
+use std::sync::Arc;
+
+use allot::clock::SystemClock;
+use allot::domain::{
+    IdempotencyKey, Limits, Node, NodeId, NodeType, ReservationId, ReserveCommand, ReserveLine,
+    ShippingRates, Sku, StockEntry, Transition,
+};
+use allot::events::Feed;
+use allot::index::{Index, IndexOptions, ReserveOutcome};
+use allot::store::{self, Durability, Store, StoreOptions, WalOptions};
+use criterion::{Criterion, criterion_group, criterion_main};
+
+const SKU_COUNT: usize = 10_000;
+const NODE_COUNT: usize = 4;
+
+fn setup(dir: &std::path::Path) -> (Arc<Index>, std::thread::JoinHandle<()>) {
+    let (store, recovered) = Store::open(dir, &StoreOptions::default()).unwrap();
+    let feed = Arc::new(Feed::new(1024, 16));
+    let (wal, thread) = store::wal::start(
+        Arc::new(store),
+        WalOptions {
+            durability: Durability::Buffered,
+            queue_len_max: 65_536,
+            batch_len_max: 4096,
+            change_retention: 1_000_000,
+        },
+        Box::new(move |changes| feed.publish(changes)),
+    );
+    let options = IndexOptions {
+        shard_count: 256,
+        terminal_retention_ms: 3_600_000,
+        idempotency_retention_ms: 3_600_000,
+        limits: Limits::default(),
+    };
+    let index = Arc::new(Index::new(options, recovered, wal, Arc::new(SystemClock)));
+    let nodes = (0..NODE_COUNT)
+        .map(|n| Node {
+            node_id: NodeId::parse(&format!("DC-{n}")).unwrap(),
+            node_type: NodeType::Warehouse,
+            lat: 0.0,
+            lon: 0.0,
+            enabled: true,
+            can_ship: true,
+            can_pickup: false,
+            daily_capacity: 0,
+            processing_days: 0,
+            priority: 0,
+            rates: ShippingRates::default(),
+            default_safety_stock: 0,
+            channels: Vec::new(),
+        })
+        .collect();
+    index.upsert_nodes(nodes).unwrap().durable_blocking().unwrap();
+    let entries: Vec<StockEntry> = (0..SKU_COUNT)
+        .flat_map(|s| {
+            (0..NODE_COUNT).map(move |n| StockEntry {
+                sku: Sku::parse(&format!("SKU-{s}")).unwrap(),
+                node_id: NodeId::parse(&format!("DC-{n}")).unwrap(),
+                on_hand: 1_000_000_000,
+                safety_stock: None,
+            })
+        })
+        .collect();
+    for chunk in entries.chunks(10_000) {
+        index.set_stock(chunk).unwrap().durable_blocking().unwrap();
+    }
+    (index, thread)
+}
+
+fn bench_index(criterion: &mut Criterion) {
+    let dir = tempfile::tempdir().unwrap();
+    let (index, _thread) = setup(dir.path());
+    let mut counter = 0u64;
+    let mut reserve_release = |sku_of: &dyn Fn(u64) -> usize| {
+        counter += 1;
+        let command = ReserveCommand {
+            idempotency_key: IdempotencyKey::parse(&format!("bench-{counter}")).unwrap(),
+            lines: vec![ReserveLine {
+                sku: Sku::parse(&format!("SKU-{}", sku_of(counter))).unwrap(),
+                node_id: NodeId::parse("DC-1").unwrap(),
+                qty: 1,
+            }],
+            ttl_ms: 60_000,
+            reference: String::new(),
+            channel: None,
+        };
+        let outcome = index.reserve(&command).unwrap().durable_blocking().unwrap();
+        let ReserveOutcome::Reserved { id, .. } = outcome else { panic!("stock is ample") };
+        index.transition(id, Transition::Release, "").unwrap().durable_blocking().unwrap();
+        id
+    };
+    criterion.bench_function("index/reserve+release one line, uniform SKU (buffered store)", |bencher| {
+        bencher.iter(|| reserve_release(&|counter| (counter.wrapping_mul(7919) % SKU_COUNT as u64) as usize))
+    });
+    criterion.bench_function("index/reserve+release one line, one hot SKU (buffered store)", |bencher| {
+        bencher.iter(|| reserve_release(&|_| 0))
+    });
+    let skus: Vec<Sku> = (0..SKU_COUNT).map(|s| Sku::parse(&format!("SKU-{s}")).unwrap()).collect();
+    let mut next = 0usize;
+    criterion.bench_function("index/availability one SKU x 4 nodes", |bencher| {
+        bencher.iter(|| {
+            next = (next + 7919) % SKU_COUNT;
+            index.availability(std::slice::from_ref(&skus[next]), None, &[])
+        })
+    });
+    let _ = index.reservation(ReservationId(1));
+}
+
+criterion_group!(benches, bench_index);
+criterion_main!(benches);
