@@ -212,6 +212,14 @@ mod tests {
     }
 
     #[test]
+    fn example_file_documents_the_defaults() {
+        // Goal: deploy/allot.toml (the documented reference) is exactly the built-in default.
+        // Method: parse it and compare.
+        let example = Config::from_toml(include_str!("../deploy/allot.toml")).unwrap();
+        assert_eq!(example, Config::default());
+    }
+
+    #[test]
     fn partial_file_keeps_defaults() {
         // Goal: keys left out take their defaults. Method: one key set.
         let config =

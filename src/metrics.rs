@@ -99,6 +99,9 @@ struct RpcHandles {
 /// does no registry lookup.
 pub struct RpcMetrics {
     handles: Vec<RpcHandles>,
+    /// Reserve decisions: RESERVED and INSUFFICIENT.
+    pub reserved: Counter,
+    pub insufficient: Counter,
 }
 
 impl Default for RpcMetrics {
@@ -118,7 +121,11 @@ impl RpcMetrics {
                 duration: metrics::histogram!("allot_grpc_request_duration_seconds", "rpc" => rpc.name()),
             })
             .collect();
-        Self { handles }
+        Self {
+            handles,
+            reserved: metrics::counter!("allot_reserve_outcomes_total", "outcome" => "reserved"),
+            insufficient: metrics::counter!("allot_reserve_outcomes_total", "outcome" => "insufficient"),
+        }
     }
 
     pub fn observe(&self, rpc: Rpc, code: tonic::Code, started: Instant) {

@@ -204,7 +204,7 @@ impl v1::inventory_server::Inventory for InventoryApi {
             let outcome = self.core.index.reserve(&command)?.durable().await?;
             Ok(match outcome {
                 ReserveOutcome::Reserved { id, expires_at_ms } => {
-                    metrics::counter!("allot_reserve_outcomes_total", "outcome" => "reserved").increment(1);
+                    self.core.rpc_metrics.reserved.increment(1);
                     v1::ReserveResponse {
                         reservation_id: id.to_string(),
                         status: v1::reserve_response::Status::Reserved as i32,
@@ -213,8 +213,7 @@ impl v1::inventory_server::Inventory for InventoryApi {
                     }
                 }
                 ReserveOutcome::Insufficient(shortfalls) => {
-                    metrics::counter!("allot_reserve_outcomes_total", "outcome" => "insufficient")
-                        .increment(1);
+                    self.core.rpc_metrics.insufficient.increment(1);
                     v1::ReserveResponse {
                         reservation_id: String::new(),
                         status: v1::reserve_response::Status::Insufficient as i32,

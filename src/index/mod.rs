@@ -115,12 +115,33 @@ impl<T> Pending<T> {
         Ok(self.value)
     }
 
+    /// Separates the value (applied in memory already) from its durability, so a caller can
+    /// pipeline several mutations and await them together.
+    pub fn split(self) -> (T, Durable) {
+        (self.value, Durable { ack: self.ack })
+    }
+
     /// For callers outside an async context (tests, background thread): block.
     pub fn durable_blocking(self) -> Result<T, IndexError> {
         if let Some(ack) = self.ack {
             ack.blocking_recv().map_err(|_| IndexError::Unavailable)?;
         }
         Ok(self.value)
+    }
+}
+
+/// The durability of a mutation whose value was taken with `Pending::split`.
+#[must_use]
+pub struct Durable {
+    ack: Option<oneshot::Receiver<()>>,
+}
+
+impl Durable {
+    pub fn wait_blocking(self) -> Result<(), IndexError> {
+        match self.ack {
+            Some(ack) => ack.blocking_recv().map_err(|_| IndexError::Unavailable),
+            None => Ok(()),
+        }
     }
 }
 
@@ -522,7 +543,7 @@ impl Index {
         channel: Option<&Channel>,
         node_filter: &[NodeId],
     ) -> Vec<AvailabilityItem> {
-        let nodes = self.nodes.load_full();
+        let nodes = self.nodes.load();
         skus.iter()
             .map(|sku| {
                 let shard = self.shards[self.shard_of(sku)].lock();
@@ -560,7 +581,7 @@ impl Index {
         skus: &[Sku],
         mut emit: impl FnMut(&Sku, &NodeId, i64, &domain::Totals),
     ) {
-        let nodes = self.nodes.load_full();
+        let nodes = self.nodes.load();
         let mut visit = |sku: &Sku, stock: &SkuStock| {
             let totals = stock.totals(&nodes);
             for (node_id, position) in stock.positions() {
@@ -595,7 +616,7 @@ impl Index {
     /// An all-or-nothing hold. Lines name existing nodes (checked here), have qty > 0 and no
     /// (sku, node) twice (checked by the caller).
     pub fn reserve(&self, command: &ReserveCommand) -> Result<Pending<ReserveOutcome>, IndexError> {
-        let nodes = self.nodes.load_full();
+        let nodes = self.nodes.load();
         for (index, line) in command.lines.iter().enumerate() {
             if nodes.get(&line.node_id).is_none() {
                 return Err(IndexError::InvalidArgument(format!(
@@ -753,7 +774,7 @@ impl Index {
             }
             TransitionOutcome::Apply { status, returns_units } => (status, returns_units),
         };
-        let nodes = self.nodes.load_full();
+        let nodes = self.nodes.load();
         let mut mutation = Mutation::default();
         if returns_units {
             for line in &reservation.lines {
