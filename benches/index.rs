@@ -37,6 +37,7 @@ fn setup(dir: &std::path::Path) -> (Arc<Index>, std::thread::JoinHandle<()>) {
         terminal_retention_ms: 3_600_000,
         idempotency_retention_ms: 3_600_000,
         limits: Limits::default(),
+        rules: allot::routing::RoutingRules::default(),
     };
     let index = Arc::new(Index::new(options, recovered, wal, Arc::new(SystemClock)));
     let nodes = (0..NODE_COUNT)

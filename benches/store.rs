@@ -26,6 +26,7 @@ fn reservation(id: u64) -> Reservation {
         created_at_ms: 1_700_000_000_000,
         expires_at_ms: Some(1_700_000_060_000),
         updated_at_ms: 1_700_000_000_000,
+        capacity_day: None,
     }
 }
 

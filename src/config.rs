@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::domain::Limits;
+use crate::routing::RoutingRules;
 use crate::store::Durability;
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -23,6 +24,8 @@ pub struct Config {
     pub index: IndexConfig,
     pub server: ServerConfig,
     pub limits: Limits,
+    /// Distributed order management rules; reloaded on SIGHUP.
+    pub routing: RoutingRules,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -82,6 +85,7 @@ impl Default for Config {
             index: IndexConfig::default(),
             server: ServerConfig::default(),
             limits: Limits::default(),
+            routing: RoutingRules::default(),
         }
     }
 }
@@ -149,6 +153,7 @@ impl Config {
     /// Every problem, one line each; empty when the configuration can run.
     pub fn problems(&self) -> Vec<String> {
         let mut problems = self.limits.problems();
+        problems.extend(self.routing.problems());
         if !self.index.shard_count.is_power_of_two() || self.index.shard_count > 65_536 {
             problems.push(format!(
                 "index.shard_count {} must be a power of two up to 65536",

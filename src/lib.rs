@@ -13,5 +13,6 @@ pub mod events;
 pub mod index;
 pub mod metrics;
 pub mod proto;
+pub mod routing;
 pub mod server;
 pub mod store;

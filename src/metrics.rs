@@ -31,10 +31,12 @@ pub enum Rpc {
     ReleaseReservation,
     GetReservation,
     WatchAvailability,
+    Route,
+    Allocate,
 }
 
 impl Rpc {
-    pub const ALL: [Rpc; 11] = [
+    pub const ALL: [Rpc; 13] = [
         Rpc::UpsertNodes,
         Rpc::ListNodes,
         Rpc::SetStock,
@@ -46,6 +48,8 @@ impl Rpc {
         Rpc::ReleaseReservation,
         Rpc::GetReservation,
         Rpc::WatchAvailability,
+        Rpc::Route,
+        Rpc::Allocate,
     ];
 
     pub fn name(self) -> &'static str {
@@ -61,6 +65,8 @@ impl Rpc {
             Rpc::ReleaseReservation => "ReleaseReservation",
             Rpc::GetReservation => "GetReservation",
             Rpc::WatchAvailability => "WatchAvailability",
+            Rpc::Route => "Route",
+            Rpc::Allocate => "Allocate",
         }
     }
 }

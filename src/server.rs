@@ -13,6 +13,7 @@ use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::api::inventory::InventoryApi;
+use crate::api::routing::RoutingApi;
 use crate::api::{Admission, Core};
 use crate::background::{self, BackgroundOptions};
 use crate::clock::Clock;
@@ -90,6 +91,7 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Running, Sta
             terminal_retention_ms: config.index.terminal_reservation_retention_ms,
             idempotency_retention_ms: config.index.idempotency_retention_ms,
             limits: config.limits.clone(),
+            rules: config.routing.clone(),
         },
         recovered,
         wal.clone(),
@@ -132,6 +134,7 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Running, Sta
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<v1::inventory_server::InventoryServer<InventoryApi>>().await;
+    health_reporter.set_serving::<v1::routing_server::RoutingServer<RoutingApi>>().await;
     health_reporter.set_service_status("", tonic_health::ServingStatus::Serving).await;
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
@@ -149,8 +152,9 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Running, Sta
         .max_decoding_message_size(message_bytes_max)
         .max_encoding_message_size(message_bytes_max);
     // Services of later milestones: every RPC answers UNIMPLEMENTED until it is built.
-    let routing =
-        v1::routing_server::RoutingServer::new(Unbuilt).max_decoding_message_size(message_bytes_max);
+    let routing = v1::routing_server::RoutingServer::new(RoutingApi::new(core.clone()))
+        .max_decoding_message_size(message_bytes_max)
+        .max_encoding_message_size(message_bytes_max);
     let orders = v1::orders_server::OrdersServer::new(Unbuilt).max_decoding_message_size(message_bytes_max);
     let fulfilment =
         v1::fulfilment_server::FulfilmentServer::new(Unbuilt).max_decoding_message_size(message_bytes_max);
@@ -241,9 +245,6 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Running, Sta
 /// A service whose RPCs all answer UNIMPLEMENTED (the generated default methods).
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Unbuilt;
-
-#[tonic::async_trait]
-impl v1::routing_server::Routing for Unbuilt {}
 
 #[tonic::async_trait]
 impl v1::orders_server::Orders for Unbuilt {}

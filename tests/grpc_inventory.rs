@@ -1607,12 +1607,12 @@ async fn metrics_endpoint() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn later_services_are_unimplemented() {
-    // Goal: Routing, Orders and Fulfilment are served but answer UNIMPLEMENTED until built.
-    // Method: one call on each.
+    // Goal: Orders and Fulfilment are served but answer UNIMPLEMENTED until built; Routing is
+    // built and answers (here: INVALID_ARGUMENT for an empty request). Method: one call on each.
     let daemon = Daemon::start().await;
     let endpoint = format!("http://{}", daemon.address());
     let mut routing = v1::routing_client::RoutingClient::connect(endpoint.clone()).await.unwrap();
-    expect_error("Route", routing.route(v1::RouteRequest::default()).await, Code::Unimplemented, "");
+    expect_error("Route", routing.route(v1::RouteRequest::default()).await, Code::InvalidArgument, "lines");
     let mut orders = v1::orders_client::OrdersClient::connect(endpoint.clone()).await.unwrap();
     expect_error("GetOrder", orders.get_order(v1::GetOrderRequest::default()).await, Code::Unimplemented, "");
     let mut fulfilment = v1::fulfilment_client::FulfilmentClient::connect(endpoint).await.unwrap();

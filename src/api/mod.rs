@@ -7,6 +7,7 @@ pub mod convert;
 pub mod errors;
 pub mod inventory;
 pub mod oversize;
+pub mod routing;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};

@@ -71,6 +71,7 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    let config_path = flags.config.clone();
     runtime.block_on(async move {
         let running = match allot::server::start(config, Arc::new(SystemClock)).await {
             Ok(running) => running,
@@ -85,9 +86,36 @@ fn main() -> ExitCode {
             wait_for_signal().await;
             trigger.send_replace(true);
         });
+        let core = running.core.clone();
+        tokio::spawn(async move { reload_on_sighup(config_path, core).await });
         running.wait().await;
         ExitCode::SUCCESS
     })
+}
+
+/// SIGHUP re-reads the configuration file and applies what can change at run time (the
+/// routing rules); anything else needs a restart and is left as it is.
+async fn reload_on_sighup(config_path: Option<PathBuf>, core: Arc<allot::api::Core>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hangup) = signal(SignalKind::hangup()) else {
+        tracing::warn!("cannot install the SIGHUP handler; configuration reload is off");
+        return;
+    };
+    while hangup.recv().await.is_some() {
+        let Some(path) = &config_path else {
+            tracing::info!("SIGHUP: running on the embedded defaults, nothing to reload");
+            continue;
+        };
+        match Config::from_file(path).and_then(|config| config.validate().map(|()| config)) {
+            Ok(config) => {
+                core.index.set_routing_rules(config.routing);
+                tracing::info!(config = %path.display(), "SIGHUP: routing rules reloaded");
+            }
+            Err(error) => {
+                tracing::error!(%error, "SIGHUP: configuration not reloaded, keeping the current one")
+            }
+        }
+    }
 }
 
 async fn wait_for_signal() {

@@ -44,3 +44,16 @@ pub struct AvailabilityChange {
     /// 0 until the commit thread assigns it.
     pub sequence: u64,
 }
+
+/// A durable record of a decision or state change (the audit trail). The commit thread gives
+/// each its sequence number.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditEvent {
+    /// 0 until the commit thread assigns it.
+    pub sequence: u64,
+    pub at_ms: u64,
+    /// "<entity>.<change>", e.g. "allocation.planned".
+    pub event_type: String,
+    pub reservation_id: Option<u64>,
+    pub detail: String,
+}

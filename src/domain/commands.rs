@@ -68,6 +68,13 @@ impl AdjustStockCommand {
     }
 }
 
+/// A stable digest of an encoded request (FNV-1a), to tell a replay from a reused key.
+pub fn fingerprint_bytes(bytes: &[u8]) -> u64 {
+    let mut digest = Fnv::new();
+    digest.bytes(bytes);
+    digest.finish()
+}
+
 /// 64-bit FNV-1a with length-prefixed fields (so "ab"+"c" differs from "a"+"bc").
 struct Fnv(u64);
 

@@ -38,6 +38,9 @@ pub struct Reservation {
     /// `None`: no TTL (or confirmed).
     pub expires_at_ms: Option<u64>,
     pub updated_at_ms: u64,
+    /// The capacity day on which this hold took one shipment of capacity at each of its nodes
+    /// (Allocate); `None` for a plain Reserve.
+    pub capacity_day: Option<u64>,
 }
 
 /// One line that could not be held.

@@ -10,10 +10,12 @@
 //!
 //! May import `domain`, `clock` and `store`; must not import `api` or anything of tonic.
 
+mod allocate;
 mod errors;
 mod expiry;
 mod shard;
 
+pub use allocate::{AllocateCommand, AllocateOutcome};
 pub use errors::IndexError;
 
 use std::sync::Arc;
@@ -27,10 +29,11 @@ use tokio::sync::oneshot;
 
 use crate::clock::Clock;
 use crate::domain::{
-    self, AdjustStockCommand, AvailabilityChange, Channel, Limits, Node, NodeId, Position, PositionView,
-    Reservation, ReservationId, ReservationStatus, ReserveCommand, Shortfall, Sku, StockEntry, Transition,
-    TransitionOutcome,
+    self, AdjustStockCommand, AvailabilityChange, Channel, IdempotencyKey, Limits, Node, NodeId, Position,
+    PositionView, Reservation, ReservationId, ReservationStatus, ReserveCommand, ReserveLine, Shortfall, Sku,
+    StockEntry, Transition, TransitionOutcome,
 };
+use crate::routing::RoutingRules;
 use crate::store::keys::{self, IdemNamespace};
 use crate::store::records::{
     self, IdempotencyRecord, Kind, NodeRecord, PositionRecord, PositionViewRecord, ReservationRecord,
@@ -49,18 +52,25 @@ pub struct IndexOptions {
     /// How long an idempotency key is remembered.
     pub idempotency_retention_ms: u64,
     pub limits: Limits,
+    /// Routing rules at start-up (reloadable later).
+    pub rules: RoutingRules,
 }
 
 /// The node table, replaced whole on every UpsertNodes (readers never lock).
 #[derive(Debug, Default)]
 pub struct NodeTable {
     by_id: std::collections::HashMap<NodeId, Arc<Node>>,
+    /// The same nodes ordered by id (routing walks them in this order).
+    sorted_nodes: Vec<Arc<Node>>,
 }
 
 impl NodeTable {
     fn new(nodes: impl IntoIterator<Item = Node>) -> Self {
-        let by_id = nodes.into_iter().map(|node| (node.node_id.clone(), Arc::new(node))).collect();
-        Self { by_id }
+        let by_id: std::collections::HashMap<NodeId, Arc<Node>> =
+            nodes.into_iter().map(|node| (node.node_id.clone(), Arc::new(node))).collect();
+        let mut sorted_nodes: Vec<Arc<Node>> = by_id.values().cloned().collect();
+        sorted_nodes.sort_by(|a, b| a.node_id.cmp(&b.node_id));
+        Self { by_id, sorted_nodes }
     }
 
     pub fn get(&self, node_id: &NodeId) -> Option<&Arc<Node>> {
@@ -78,10 +88,8 @@ impl NodeTable {
     }
 
     /// Every node, ordered by id.
-    pub fn sorted(&self) -> Vec<Arc<Node>> {
-        let mut nodes: Vec<Arc<Node>> = self.by_id.values().cloned().collect();
-        nodes.sort_by(|a, b| a.node_id.cmp(&b.node_id));
-        nodes
+    pub fn sorted(&self) -> &[Arc<Node>] {
+        &self.sorted_nodes
     }
 
     pub fn len(&self) -> usize {
@@ -161,6 +169,17 @@ pub struct AvailabilityItem {
     pub nodes: Vec<PositionView>,
 }
 
+/// What a new hold carries (Reserve, Allocate).
+struct Hold {
+    lines: Vec<ReserveLine>,
+    ttl_ms: u64,
+    reference: String,
+    channel: Option<Channel>,
+    idempotency_key: IdempotencyKey,
+    /// Set when the hold consumed node capacity on that capacity day.
+    capacity_day: Option<u64>,
+}
+
 /// A remembered idempotent outcome.
 #[derive(Debug, Clone)]
 struct IdemEntry {
@@ -171,8 +190,13 @@ struct IdemEntry {
 
 #[derive(Debug, Clone)]
 enum IdemOutcome {
-    Reserved { id: ReservationId, expires_at_ms: Option<u64> },
+    Reserved {
+        id: ReservationId,
+        expires_at_ms: Option<u64>,
+    },
     Adjusted(Vec<PositionView>),
+    /// Allocate: the encoded response.
+    Allocated(Arc<[u8]>),
 }
 
 type IdemMapKey = (IdemNamespace, Arc<str>);
@@ -186,6 +210,9 @@ pub struct Index {
     reservations: DashMap<u64, Reservation>,
     idempotency: DashMap<IdemMapKey, IdemEntry>,
     expiry: ExpiryQueue,
+    /// Shipments taken per node on the current capacity day (see `allocate`).
+    capacity: DashMap<NodeId, allocate::CapacityUse>,
+    rules: ArcSwap<RoutingRules>,
     next_reservation_id: AtomicU64,
     /// Gauges, kept as counters so the hot path only does an atomic add.
     position_count: AtomicI64,
@@ -209,6 +236,8 @@ impl Index {
             reservations: DashMap::new(),
             idempotency: DashMap::new(),
             expiry: ExpiryQueue::new(options.shard_count),
+            capacity: DashMap::new(),
+            rules: ArcSwap::from_pointee(options.rules.clone()),
             next_reservation_id: AtomicU64::new(recovered.next_reservation_id.max(1)),
             position_count: AtomicI64::new(0),
             open_reservation_count: AtomicI64::new(0),
@@ -223,7 +252,11 @@ impl Index {
             index.shards[shard_index].lock().stock_mut(&sku).set(&node_id, position);
             index.position_count.fetch_add(1, Ordering::Relaxed);
         }
+        let today = index.options.rules.capacity_day(index.clock.now_ms());
         for reservation in recovered.reservations {
+            if reservation.capacity_day == Some(today) && allocate::counts_capacity(reservation.status) {
+                index.recount_capacity(&table, &reservation.lines, today);
+            }
             if reservation.status.is_open() {
                 index.open_reservation_count.fetch_add(1, Ordering::Relaxed);
             }
@@ -243,6 +276,7 @@ impl Index {
                 IdemNamespace::Adjust => IdemOutcome::Adjusted(
                     record.positions.into_iter().filter_map(|view| view.into_view().ok()).collect(),
                 ),
+                IdemNamespace::Allocate => IdemOutcome::Allocated(Arc::from(record.response)),
             };
             index.idempotency.insert(
                 (namespace, Arc::from(key.as_str())),
@@ -485,6 +519,7 @@ impl Index {
             reservation_id: None,
             expires_at_ms: None,
             positions: views.iter().map(PositionViewRecord::from_view).collect(),
+            response: Vec::new(),
         };
         mutation.put(
             Cf::Idempotency,
@@ -669,47 +704,24 @@ impl Index {
             return Ok(Pending { value: ReserveOutcome::Insufficient(shortfalls), ack: None });
         }
         let now_ms = self.clock.now_ms();
-        let id = ReservationId(self.next_reservation_id.fetch_add(1, Ordering::Relaxed));
-        let expires_at_ms = (command.ttl_ms > 0).then(|| now_ms.saturating_add(command.ttl_ms));
         let mut mutation = Mutation::default();
-        mutation.reservation_id_high = Some(id.0);
-        for line in &command.lines {
-            let shard = locks.shard(self.shard_of(&line.sku));
-            let stock = shard.stock_mut(&line.sku);
-            let before = *stock.get(&line.node_id).expect("a line with ATP > 0 has a position");
-            let position = Position { reserved: before.reserved + line.qty, ..before };
-            self.write_position(
-                &mut mutation,
-                &nodes,
-                &line.sku,
-                &line.node_id,
-                stock,
-                Some(before),
-                position,
-            );
-        }
-        let reservation = Reservation {
-            id,
-            status: ReservationStatus::Held,
+        let hold = Hold {
             lines: command.lines.clone(),
+            ttl_ms: command.ttl_ms,
             reference: command.reference.clone(),
             channel: command.channel.clone(),
-            idempotency_key: Some(command.idempotency_key.clone()),
-            created_at_ms: now_ms,
-            expires_at_ms,
-            updated_at_ms: now_ms,
+            idempotency_key: command.idempotency_key.clone(),
+            capacity_day: None,
         };
-        mutation.put(
-            Cf::Reservations,
-            keys::reservation(id),
-            records::encode(Kind::Reservation, &ReservationRecord::from_reservation(&reservation)),
-        );
+        let reservation = self.create_hold(&mut locks, &nodes, &mut mutation, hold, now_ms);
+        let (id, expires_at_ms) = (reservation.id, reservation.expires_at_ms);
         let record = IdempotencyRecord {
             fingerprint,
             created_at_ms: now_ms,
             reservation_id: Some(id.0),
             expires_at_ms,
             positions: Vec::new(),
+            response: Vec::new(),
         };
         mutation.put(
             Cf::Idempotency,
@@ -718,18 +730,63 @@ impl Index {
         );
         let ack = mutation.acknowledged();
         self.wal.submit(slot, mutation);
-        self.reservations.insert(id.0, reservation);
+        self.track_hold(reservation);
         vacant.insert(IdemEntry {
             fingerprint,
             created_at_ms: now_ms,
             outcome: IdemOutcome::Reserved { id, expires_at_ms },
         });
         drop(locks);
-        self.open_reservation_count.fetch_add(1, Ordering::Relaxed);
-        if let Some(expires_at_ms) = expires_at_ms {
-            self.expiry.push(id, expires_at_ms);
-        }
         Ok(Pending::ready(ReserveOutcome::Reserved { id, expires_at_ms }, ack))
+    }
+
+    /// Applies a hold whose lines fit (the caller decided so under `locks`): raises `reserved`
+    /// at each position, and adds the positions and the new reservation to `mutation`.
+    fn create_hold(
+        &self,
+        locks: &mut ShardLocks<'_>,
+        nodes: &NodeTable,
+        mutation: &mut Mutation,
+        hold: Hold,
+        now_ms: u64,
+    ) -> Reservation {
+        let id = ReservationId(self.next_reservation_id.fetch_add(1, Ordering::Relaxed));
+        mutation.reservation_id_high = Some(id.0);
+        for line in &hold.lines {
+            let shard = locks.shard(self.shard_of(&line.sku));
+            let stock = shard.stock_mut(&line.sku);
+            let before = *stock.get(&line.node_id).expect("a line that fits has a position");
+            assert!(line.qty > 0 && line.qty <= before.atp(nodes.get(&line.node_id).expect("known node")));
+            let position = Position { reserved: before.reserved + line.qty, ..before };
+            self.write_position(mutation, nodes, &line.sku, &line.node_id, stock, Some(before), position);
+        }
+        let reservation = Reservation {
+            id,
+            status: ReservationStatus::Held,
+            lines: hold.lines,
+            reference: hold.reference,
+            channel: hold.channel,
+            idempotency_key: Some(hold.idempotency_key),
+            created_at_ms: now_ms,
+            expires_at_ms: (hold.ttl_ms > 0).then(|| now_ms.saturating_add(hold.ttl_ms)),
+            updated_at_ms: now_ms,
+            capacity_day: hold.capacity_day,
+        };
+        mutation.put(
+            Cf::Reservations,
+            keys::reservation(id),
+            records::encode(Kind::Reservation, &ReservationRecord::from_reservation(&reservation)),
+        );
+        reservation
+    }
+
+    /// Makes a new hold visible: the reservation table, the open count, the expiry queue.
+    fn track_hold(&self, reservation: Reservation) {
+        self.open_reservation_count.fetch_add(1, Ordering::Relaxed);
+        if let Some(expires_at_ms) = reservation.expires_at_ms {
+            self.expiry.push(reservation.id, expires_at_ms);
+        }
+        self.reservations.insert(reservation.id.0, reservation);
     }
 
     /// Confirm, extend, release or expire a reservation. `reference` replaces the reservation's
@@ -799,6 +856,9 @@ impl Index {
                 );
             }
             self.open_reservation_count.fetch_sub(1, Ordering::Relaxed);
+            if let Some(day) = reservation.capacity_day {
+                self.return_capacity(&reservation.lines, day);
+            }
         }
         reservation.status = status;
         reservation.updated_at_ms = now_ms;
@@ -915,6 +975,12 @@ struct ShardLocks<'a> {
 }
 
 impl ShardLocks<'_> {
+    fn shard_ref(&self, shard_index: usize) -> &Shard {
+        let position =
+            self.indexes.binary_search(&shard_index).expect("the shard of every touched SKU is locked");
+        &self.guards[position]
+    }
+
     fn shard(&mut self, shard_index: usize) -> &mut Shard {
         let position =
             self.indexes.binary_search(&shard_index).expect("the shard of every touched SKU is locked");

@@ -28,6 +28,7 @@ pub fn reservation(id: ReservationId) -> [u8; 8] {
 pub enum IdemNamespace {
     Reserve,
     Adjust,
+    Allocate,
 }
 
 impl IdemNamespace {
@@ -35,6 +36,7 @@ impl IdemNamespace {
         match self {
             IdemNamespace::Reserve => b'r',
             IdemNamespace::Adjust => b'a',
+            IdemNamespace::Allocate => b'l',
         }
     }
 
@@ -42,6 +44,7 @@ impl IdemNamespace {
         match tag {
             b'r' => Some(IdemNamespace::Reserve),
             b'a' => Some(IdemNamespace::Adjust),
+            b'l' => Some(IdemNamespace::Allocate),
             _ => None,
         }
     }
@@ -69,6 +72,22 @@ pub fn change_sequence(key: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(key[1..].try_into().ok()?))
 }
 
+/// Audit events, by sequence.
+pub fn audit(sequence: u64) -> [u8; 9] {
+    let mut key = [0u8; 9];
+    key[0] = b'e';
+    key[1..].copy_from_slice(&sequence.to_be_bytes());
+    key
+}
+
+pub fn audit_sequence(key: &[u8]) -> Option<u64> {
+    if key.len() != 9 || key[0] != b'e' {
+        return None;
+    }
+    Some(u64::from_be_bytes(key[1..].try_into().ok()?))
+}
+
+pub const META_LAST_AUDIT_SEQUENCE: &[u8] = b"last_audit_sequence";
 pub const META_FORMAT_VERSION: &[u8] = b"format_version";
 pub const META_LAST_SEQUENCE: &[u8] = b"last_sequence";
 pub const META_NEXT_RESERVATION_ID: &[u8] = b"next_reservation_id";

@@ -24,6 +24,7 @@ pub enum Kind {
     Idempotency = 4,
     Change = 5,
     Counter = 6,
+    Audit = 7,
 }
 
 pub fn encode<M: Message>(kind: Kind, message: &M) -> Vec<u8> {
@@ -224,6 +225,8 @@ pub struct ReservationRecord {
     pub expires_at_ms: Option<u64>,
     #[prost(uint64, tag = "9")]
     pub updated_at_ms: u64,
+    #[prost(uint64, optional, tag = "10")]
+    pub capacity_day: Option<u64>,
 }
 
 impl ReservationRecord {
@@ -256,6 +259,7 @@ impl ReservationRecord {
             created_at_ms: reservation.created_at_ms,
             expires_at_ms: reservation.expires_at_ms,
             updated_at_ms: reservation.updated_at_ms,
+            capacity_day: reservation.capacity_day,
         }
     }
 
@@ -297,6 +301,7 @@ impl ReservationRecord {
             created_at_ms: self.created_at_ms,
             expires_at_ms: self.expires_at_ms,
             updated_at_ms: self.updated_at_ms,
+            capacity_day: self.capacity_day,
         })
     }
 }
@@ -357,6 +362,22 @@ pub struct IdempotencyRecord {
     /// AdjustStock: the positions it answered.
     #[prost(message, repeated, tag = "5")]
     pub positions: Vec<PositionViewRecord>,
+    /// Allocate: the encoded response.
+    #[prost(bytes = "vec", tag = "6")]
+    pub response: Vec<u8>,
+}
+
+/// An audit event (the decision log; orders join it later).
+#[derive(Clone, PartialEq, Message)]
+pub struct AuditRecord {
+    #[prost(uint64, tag = "1")]
+    pub at_ms: u64,
+    #[prost(string, tag = "2")]
+    pub event_type: String,
+    #[prost(uint64, optional, tag = "3")]
+    pub reservation_id: Option<u64>,
+    #[prost(string, tag = "4")]
+    pub detail: String,
 }
 
 #[derive(Clone, PartialEq, Message)]

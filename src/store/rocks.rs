@@ -10,11 +10,11 @@ use rocksdb::{
 
 use super::keys::{self, IdemNamespace};
 use super::records::{
-    self, ChangeRecord, CounterRecord, DecodeError, IdempotencyRecord, Kind, NodeRecord, PositionRecord,
-    ReservationRecord,
+    self, AuditRecord, ChangeRecord, CounterRecord, DecodeError, IdempotencyRecord, Kind, NodeRecord,
+    PositionRecord, ReservationRecord,
 };
 use super::{Cf, StoreError};
-use crate::domain::{AvailabilityChange, Node, NodeId, Position, Reservation, Sku};
+use crate::domain::{AuditEvent, AvailabilityChange, Node, NodeId, Position, Reservation, Sku};
 
 /// The format this build writes; a newer one on disk is refused rather than misread.
 const STORE_FORMAT_VERSION: u64 = 1;
@@ -39,6 +39,7 @@ pub struct Store {
     /// Oldest availability change still on disk.
     first_sequence: AtomicU64,
     recovered_last_sequence: u64,
+    recovered_last_audit_sequence: u64,
 }
 
 /// Everything read back at start-up.
@@ -72,7 +73,12 @@ impl Store {
             ColumnFamilyDescriptor::new(cf.name(), cf_options)
         });
         let db = DB::open_cf_descriptors(&db_options, path, descriptors)?;
-        let mut store = Store { db, first_sequence: AtomicU64::new(1), recovered_last_sequence: 0 };
+        let mut store = Store {
+            db,
+            first_sequence: AtomicU64::new(1),
+            recovered_last_sequence: 0,
+            recovered_last_audit_sequence: 0,
+        };
         let recovered = store.recover()?;
         Ok((store, recovered))
     }
@@ -87,6 +93,31 @@ impl Store {
 
     pub fn recovered_last_sequence(&self) -> u64 {
         self.recovered_last_sequence
+    }
+
+    pub fn recovered_last_audit_sequence(&self) -> u64 {
+        self.recovered_last_audit_sequence
+    }
+
+    /// Audit events with sequence >= `from`, at most `limit`.
+    pub fn read_audit(&self, from: u64, limit: usize) -> Result<Vec<AuditEvent>, StoreError> {
+        let start = keys::audit(from);
+        let mut events = Vec::new();
+        let iterator =
+            self.db.iterator_cf(self.cf(Cf::Events), IteratorMode::From(&start, Direction::Forward));
+        for item in iterator.take(limit) {
+            let (key, value) = item?;
+            let Some(sequence) = keys::audit_sequence(&key) else { break };
+            let record: AuditRecord = decode(Cf::Events, &key, Kind::Audit, &value)?;
+            events.push(AuditEvent {
+                sequence,
+                at_ms: record.at_ms,
+                event_type: record.event_type,
+                reservation_id: record.reservation_id,
+                detail: record.detail,
+            });
+        }
+        Ok(events)
     }
 
     pub fn recovered_first_sequence(&self) -> u64 {
@@ -168,6 +199,7 @@ impl Store {
             None => 1,
         };
         let last_sequence = self.counter(keys::META_LAST_SEQUENCE)?.unwrap_or(0);
+        self.recovered_last_audit_sequence = self.counter(keys::META_LAST_AUDIT_SEQUENCE)?.unwrap_or(0);
         self.first_sequence.store(first_sequence.min(last_sequence + 1), Ordering::Release);
         self.recovered_last_sequence = last_sequence;
         recovered.last_sequence = last_sequence;

@@ -18,9 +18,9 @@ use tokio::sync::oneshot;
 
 use super::Cf;
 use super::keys;
-use super::records::{self, ChangeRecord, CounterRecord, Kind};
+use super::records::{self, AuditRecord, ChangeRecord, CounterRecord, Kind};
 use super::rocks::Store;
-use crate::domain::AvailabilityChange;
+use crate::domain::{AuditEvent, AvailabilityChange};
 
 /// `fsync` each group commit (the default and the contract), or leave flushing to the OS.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
@@ -53,6 +53,8 @@ pub struct Mutation {
     pub ops: Vec<Op>,
     /// Sequenced, written to the events column family and published after the fsync.
     pub changes: Vec<AvailabilityChange>,
+    /// Sequenced (their own gap-free sequence) and written to the events column family.
+    pub audit: Vec<AuditEvent>,
     /// The highest reservation id this mutation allocated (persisted as a high-water mark).
     pub reservation_id_high: Option<u64>,
     /// Completed after the batch holding this mutation is durable.
@@ -180,6 +182,7 @@ fn commit_loop(
     let mut write_options = WriteOptions::default();
     write_options.set_sync(options.durability == Durability::Fsync);
     let mut sequence = last_sequence.load(Ordering::Acquire);
+    let mut audit_sequence = store.recovered_last_audit_sequence();
     let mut trimmed_below = store.recovered_first_sequence();
     let mut reservation_id_high = 0u64;
     let mut reservation_id_written = 0u64;
@@ -209,6 +212,25 @@ fn commit_loop(
                 let value = records::encode(Kind::Change, &ChangeRecord::from_change(&change));
                 write_batch.put_cf(store.cf(Cf::Events), keys::change(sequence), value);
                 published.push(change);
+            }
+            let audit_before = audit_sequence;
+            for event in mutation.audit.drain(..) {
+                audit_sequence += 1;
+                let record = AuditRecord {
+                    at_ms: event.at_ms,
+                    event_type: event.event_type,
+                    reservation_id: event.reservation_id,
+                    detail: event.detail,
+                };
+                write_batch.put_cf(
+                    store.cf(Cf::Events),
+                    keys::audit(audit_sequence),
+                    records::encode(Kind::Audit, &record),
+                );
+            }
+            if audit_sequence != audit_before {
+                let value = records::encode(Kind::Counter, &CounterRecord { value: audit_sequence });
+                write_batch.put_cf(store.cf(Cf::Meta), keys::META_LAST_AUDIT_SEQUENCE, value);
             }
             if let Some(high) = mutation.reservation_id_high {
                 reservation_id_high = reservation_id_high.max(high);

@@ -44,6 +44,7 @@ impl Engine {
                 terminal_retention_ms: u64::MAX / 4,
                 idempotency_retention_ms: u64::MAX / 4,
                 limits: Limits::default(),
+                rules: allot::routing::RoutingRules::default(),
             },
             recovered,
             wal,
