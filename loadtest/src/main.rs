@@ -26,6 +26,10 @@ enum Scenario {
     Atp,
     /// One-line durable Reserve (qty 1, TTL) of a random SKU at a random node.
     Reserve,
+    /// Route (a quote, nothing reserved) of `--lines` random SKUs to a random US address.
+    Route,
+    /// Allocate (plan and reserve, durable) of `--lines` random SKUs, qty 1 each.
+    Allocate,
 }
 
 #[derive(Debug, Parser)]
@@ -56,6 +60,9 @@ struct Flags {
     /// Create the nodes and stock first (through the API).
     #[arg(long)]
     setup: bool,
+    /// Lines per order (route, allocate).
+    #[arg(long, default_value_t = 3)]
+    lines: usize,
     /// Reservation TTL.
     #[arg(long, default_value_t = 60_000)]
     ttl_ms: u64,
@@ -123,7 +130,11 @@ async fn setup(channel: &Channel, flags: &Flags) -> Result<(), Box<dyn std::erro
         .map(|index| v1::Node {
             node_id: node_id(index),
             r#type: v1::node::Type::Warehouse as i32,
-            location: Some(v1::Location { lat: 40.0 + index as f64 * 0.5, lon: -74.0 - index as f64 * 0.5 }),
+            // Spread over the continental US, deterministically.
+            location: Some(v1::Location {
+                lat: 25.0 + (index as f64 * 7.3) % 24.0,
+                lon: -124.0 + (index as f64 * 13.7) % 57.0,
+            }),
             enabled: true,
             can_ship: true,
             can_pickup: false,
@@ -184,7 +195,8 @@ async fn run_caller(
     let mut errors = BTreeMap::new();
     let mut rng = StdRng::seed_from_u64(flags.seed.wrapping_mul(1_000_003).wrapping_add(caller as u64));
     let mut inventory = v1::inventory_client::InventoryClient::new(channel.clone());
-    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+    let mut routing = v1::routing_client::RoutingClient::new(channel);
     let mut sequence = 0u64;
     while Instant::now() < deadline {
         let total = sent.fetch_add(1, Ordering::Relaxed);
@@ -226,6 +238,28 @@ async fn run_caller(
                         Err(tonic::Status::failed_precondition("INSUFFICIENT"))
                     }
                 }),
+            Scenario::Route => routing.route(order(&mut rng, flags)).await.map(|_| ()),
+            Scenario::Allocate => {
+                let request = order(&mut rng, flags);
+                routing
+                    .allocate(v1::AllocateRequest {
+                        lines: request.lines,
+                        ship_to: request.ship_to,
+                        method: request.method,
+                        options: request.options,
+                        idempotency_key: format!("load-{}-{caller}-{sequence}", flags.seed),
+                        ttl_ms: flags.ttl_ms,
+                        ..v1::AllocateRequest::default()
+                    })
+                    .await
+                    .and_then(|response| {
+                        if response.get_ref().reservation_id.is_empty() {
+                            Err(tonic::Status::failed_precondition("NOTHING_RESERVED"))
+                        } else {
+                            Ok(())
+                        }
+                    })
+            }
         };
         let micros = started.elapsed().as_micros().max(1) as u64;
         latency.saturating_record(micros);
@@ -234,6 +268,27 @@ async fn run_caller(
         }
     }
     (latency, errors)
+}
+
+/// A random order: `--lines` distinct SKUs, qty 1, to a random point in the US.
+fn order(rng: &mut StdRng, flags: &Flags) -> v1::RouteRequest {
+    let mut skus: Vec<usize> = Vec::with_capacity(flags.lines);
+    while skus.len() < flags.lines.min(flags.skus) {
+        let sku = rng.random_range(0..flags.skus);
+        if !skus.contains(&sku) {
+            skus.push(sku);
+        }
+    }
+    v1::RouteRequest {
+        lines: skus.into_iter().map(|sku| v1::SkuQty { sku: sku_id(sku), qty: 1 }).collect(),
+        ship_to: Some(v1::Location {
+            lat: rng.random_range(25.0..49.0),
+            lon: rng.random_range(-124.0..-67.0),
+        }),
+        method: v1::Method::Ship as i32,
+        options: Some(v1::RouteOptions { max_shipments: 0, allow_partial: true, allow_backorder: true }),
+        ..v1::RouteRequest::default()
+    }
 }
 
 fn report(flags: &Flags, latency: &Histogram<u64>, errors: &BTreeMap<String, u64>, elapsed_secs: f64) {
