@@ -118,16 +118,16 @@ impl Index {
         self.capacity.get(node_id).filter(|used| used.day == day).map_or(0, |used| used.used)
     }
 
-    /// Counts a recovered allocation's capacity (start-up).
-    pub(super) fn recount_capacity(&self, nodes: &NodeTable, lines: &[ReserveLine], day: u64) {
+    /// Counts a recovered allocation's capacity (start-up). Every allocation counts at every
+    /// node it ships from, limited or not, so a limit set mid-day sees the day's shipments and
+    /// a release gives back exactly what was counted.
+    pub(super) fn recount_capacity(&self, lines: &[ReserveLine], day: u64) {
         for node_id in distinct_nodes(lines) {
-            if nodes.get(&node_id).is_some_and(|node| node.daily_capacity > 0) {
-                let mut entry = self.capacity.entry(node_id).or_default();
-                if entry.day != day {
-                    *entry = CapacityUse { day, used: 0 };
-                }
-                entry.used += 1;
+            let mut entry = self.capacity.entry(node_id).or_default();
+            if entry.day != day {
+                *entry = CapacityUse { day, used: 0 };
             }
+            entry.used += 1;
         }
     }
 
@@ -143,15 +143,16 @@ impl Index {
         }
     }
 
-    /// Claims one shipment of capacity at each node; all or none.
+    /// Claims one shipment of capacity at each node (counted at unlimited nodes too); all or
+    /// none.
     fn claim_capacity(&self, nodes: &[Arc<Node>], day: u64) -> bool {
         let mut claimed: Vec<&NodeId> = Vec::with_capacity(nodes.len());
-        for node in nodes.iter().filter(|node| node.daily_capacity > 0) {
+        for node in nodes {
             let mut entry = self.capacity.entry(node.node_id.clone()).or_default();
             if entry.day != day {
                 *entry = CapacityUse { day, used: 0 };
             }
-            if entry.used >= node.daily_capacity {
+            if node.daily_capacity > 0 && entry.used >= node.daily_capacity {
                 drop(entry);
                 for node_id in claimed {
                     if let Some(mut entry) = self.capacity.get_mut(node_id) {

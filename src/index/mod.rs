@@ -255,7 +255,7 @@ impl Index {
         let today = index.options.rules.capacity_day(index.clock.now_ms());
         for reservation in recovered.reservations {
             if reservation.capacity_day == Some(today) && allocate::counts_capacity(reservation.status) {
-                index.recount_capacity(&table, &reservation.lines, today);
+                index.recount_capacity(&reservation.lines, today);
             }
             if reservation.status.is_open() {
                 index.open_reservation_count.fetch_add(1, Ordering::Relaxed);

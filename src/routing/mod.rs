@@ -168,8 +168,12 @@ impl RoutePlan {
                 let _ = write!(text, " {}x{} {:?}", entry.sku, entry.qty, entry.reason);
             }
         }
-        text.push_str(" | explanation:");
-        for entry in &self.explanation {
+        // Every node but the merely more expensive ones (counted): the log stays small with
+        // a thousand nodes and still says why each node that could not serve was out.
+        let not_selected =
+            self.explanation.iter().filter(|entry| entry.reason == ExplanationReason::NotSelected).count();
+        let _ = write!(text, " | not_selected {not_selected} | explanation:");
+        for entry in self.explanation.iter().filter(|entry| entry.reason != ExplanationReason::NotSelected) {
             let _ = write!(text, " {} {:?}", entry.node_id, entry.reason);
             if let Some(sku) = &entry.sku {
                 let _ = write!(text, "({sku})");
@@ -425,7 +429,10 @@ pub fn route(
             if units == 0 {
                 return;
             }
-            if request.options.allow_backorder && (reason.backorderable() || !ship) {
+            // Waiting helps units short of stock or capacity, and (all or nothing) the routable
+            // units waiting for them; other reasons do not go away by waiting.
+            let waits = reason.backorderable() || reason == UnroutableReason::PartialNotAllowed;
+            if request.options.allow_backorder && waits {
                 *backordered.entry(sku.clone()).or_insert(0) += units;
             } else {
                 unroutable.push(Unroutable { sku: sku.clone(), qty: units, reason, detail: detail(reason) });
@@ -445,12 +452,13 @@ pub fn route(
     }
     unroutable.sort_by(|a, b| a.sku.cmp(&b.sku));
     let total_cost = shipments.iter().map(|shipment| shipment.cost).fold(0i64, i64::saturating_add);
-    // Both figures without the unrouted units' weight (the same count in both).
-    let unrouted_weight: i128 =
-        plan.unrouted.iter().map(|units| *units as i128).sum::<i128>() * planner::UNROUTED_UNIT_COST;
-    let to_cents = |objective: i128| i64::try_from((objective - unrouted_weight).max(0)).unwrap_or(i64::MAX);
+    let to_cents = |cost: i128| i64::try_from(cost.max(0)).unwrap_or(i64::MAX);
     let (objective, objective_lower_bound) = if ship {
-        (to_cents(plan.objective), to_cents(plan.lower_bound.min(plan.objective)))
+        // The bound's cost part bounds plans routing as many units only when the bound's
+        // unrouted count is the plan's; otherwise all it says is 0.
+        let bound =
+            if plan.lower_bound.unrouted == plan.objective.unrouted { plan.lower_bound.cost } else { 0 };
+        (to_cents(plan.objective.cost), to_cents(bound.min(plan.objective.cost)))
     } else {
         (0, 0)
     };

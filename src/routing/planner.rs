@@ -1,10 +1,9 @@
 //! The planner: given demand lines and candidate nodes (each with its fixed shipment cost,
 //! per-unit cost and ATP per line), choose the set of nodes and the units each ships.
 //!
-//! Objective, compared lexicographically through one i128:
-//!   `UNROUTED_UNIT_COST × unrouted units + Σ shipment costs + split_penalty × (shipments − 1)`
-//! so a plan that routes more units always wins, then the cheaper one; ties break by the used
-//! nodes' (higher priority, then node_id) in that order.
+//! Objective, compared lexicographically: (unrouted units, Σ shipment costs + split_penalty ×
+//! (shipments − 1)), so a plan that routes more units always wins whatever the rates, then the
+//! cheaper one; ties break by the used nodes' (higher priority, then node_id) in that order.
 //!
 //! For a fixed set of nodes the optimal assignment is greedy: each SKU's units go to the set's
 //! nodes in ascending per-unit cost (the per-unit cost does not depend on the SKU), so pricing a
@@ -16,8 +15,18 @@
 //! as its quality bound (cost − lower_bound is at most the gap to the optimum).
 //! Pure: no locks, no I/O, no clocks. HOT PATH: allocation-light, no logging.
 
-/// Makes one unrouted unit dearer than any possible difference in shipping cost.
-pub const UNROUTED_UNIT_COST: i128 = 1_000_000_000_000_000;
+/// What the planner minimises, compared field by field in this order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Objective {
+    /// Units no shipment carries.
+    pub unrouted: i128,
+    /// Shipping cost plus the split penalties, in cents.
+    pub cost: i128,
+}
+
+impl Objective {
+    const WORST: Objective = Objective { unrouted: i128::MAX, cost: i128::MAX };
+}
 
 /// One node that may ship.
 #[derive(Debug, Clone)]
@@ -60,12 +69,12 @@ pub struct Plan {
     /// Shipping cost of the assignments, in cents (no split penalty).
     pub cost: i64,
     /// The objective (see the module comment).
-    pub objective: i128,
+    pub objective: Objective,
     /// Whether the search finished, proving the plan optimal.
     pub optimal: bool,
     /// A lower bound on the objective of any plan (the root bound); equals `objective` when
     /// the search proved it.
-    pub lower_bound: i128,
+    pub lower_bound: Objective,
     /// Node sets priced.
     pub expansions: u64,
 }
@@ -73,7 +82,7 @@ pub struct Plan {
 /// The best set found so far.
 #[derive(Clone)]
 struct Best {
-    objective: i128,
+    objective: Objective,
     /// (−priority, order) of the nodes that ship, sorted: the tie-break key.
     tie_key: Vec<(i64, usize)>,
     /// The nodes that ship.
@@ -192,7 +201,7 @@ pub fn plan_greedy(demand: &[i64], candidates: &[Candidate], options: PlanOption
 impl Search<'_> {
     /// The objective of a set, and which of its nodes ship (in `scratch_shipping`).
     /// Fills each line from the set's nodes in per-unit order; allocation-free.
-    fn price(&mut self, set: &[usize]) -> i128 {
+    fn price(&mut self, set: &[usize]) -> Objective {
         self.scratch_filling.clear();
         self.scratch_filling.extend_from_slice(set);
         let unit_rank = &self.unit_rank;
@@ -216,12 +225,12 @@ impl Search<'_> {
             }
         }
         let splits = self.scratch_shipping.len().saturating_sub(1) as i128;
-        let unrouted_units: i128 = self.scratch_remaining.iter().map(|qty| *qty as i128).sum();
-        objective + unrouted_units * UNROUTED_UNIT_COST + splits * self.options.split_penalty as i128
+        let unrouted: i128 = self.scratch_remaining.iter().map(|qty| *qty as i128).sum();
+        Objective { unrouted, cost: objective + splits * self.options.split_penalty as i128 }
     }
 
     /// Builds the assignments of a set (the winner only).
-    fn assign(&mut self, set: &[usize]) -> (i128, Vec<Assignment>, Vec<i64>, i64) {
+    fn assign(&mut self, set: &[usize]) -> (Objective, Vec<Assignment>, Vec<i64>, i64) {
         let objective = self.price(set);
         self.scratch_remaining.copy_from_slice(self.demand);
         let mut assignments = Vec::with_capacity(self.scratch_filling.len());
@@ -248,7 +257,7 @@ impl Search<'_> {
     }
 
     /// Offers the set just priced (its shipping nodes are in `scratch_shipping`).
-    fn offer(&mut self, objective: i128) {
+    fn offer(&mut self, objective: Objective) {
         if let Some(best) = &self.best {
             if objective > best.objective {
                 return;
@@ -276,8 +285,9 @@ impl Search<'_> {
 
     /// A lower bound on any plan containing the current set (`set_len` nodes, holding
     /// `set_available`) plus nodes from by_fixed[next..].
-    fn bound(&self, next: usize, fixed_sum: i128, set_len: usize) -> i128 {
+    fn bound(&self, next: usize, fixed_sum: i128, set_len: usize) -> Objective {
         let mut bound = fixed_sum + set_len.saturating_sub(1) as i128 * self.options.split_penalty as i128;
+        let mut unrouted: i128 = 0;
         let mut set_falls_short = false;
         let lines = self.demand.len();
         let suffix = &self.suffix_available[next * lines..(next + 1) * lines];
@@ -288,15 +298,16 @@ impl Search<'_> {
             if in_set < routed {
                 set_falls_short = true;
             }
-            bound += (demand - routed) * UNROUTED_UNIT_COST + routed * *min_unit_cost as i128;
+            unrouted += demand - routed;
+            bound += routed * *min_unit_cost as i128;
         }
         // Routing what the set cannot needs one more node, the cheapest being by_fixed[next]
-        // (or leaving a unit unrouted, which costs more).
+        // (leaving those units unrouted instead makes `unrouted` larger, which loses anyway).
         if set_falls_short && let Some(&index) = self.by_fixed.get(next) {
             let split = if set_len == 0 { 0 } else { self.options.split_penalty as i128 };
-            bound += (self.candidates[index].fixed_cost as i128 + split).min(UNROUTED_UNIT_COST);
+            bound += self.candidates[index].fixed_cost as i128 + split;
         }
-        bound
+        Objective { unrouted, cost: bound }
     }
 
     /// Adds (`sign` 1) or removes (−1) a candidate's units from `set_available`.
@@ -311,9 +322,9 @@ impl Search<'_> {
     fn greedy(&mut self, steps: usize) {
         let count = self.candidates.len();
         let mut set: Vec<usize> = Vec::with_capacity(self.options.max_shipments);
-        let mut current: Option<i128> = None;
+        let mut current: Option<Objective> = None;
         while set.len() < self.options.max_shipments.min(steps) {
-            let mut step: Option<(usize, i128)> = None;
+            let mut step: Option<(usize, Objective)> = None;
             for index in 0..count {
                 if set.contains(&index) {
                     continue;
@@ -351,17 +362,20 @@ impl Search<'_> {
             }
             let index = self.by_fixed[position];
             let fixed = fixed_sum + self.candidates[index].fixed_cost as i128;
-            let best = self.best.as_ref().map_or(i128::MAX, |best| best.objective);
-            // Candidates further on cost at least as much to add: when the fixed part alone
-            // loses, so does every later one.
-            if fixed + set.len() as i128 * self.options.split_penalty as i128 > best {
-                return;
-            }
+            let best = self.best.as_ref().map_or(Objective::WORST, |best| best.objective);
             set.push(index);
             self.add_to_set(index, 1);
-            if self.bound(position + 1, fixed, set.len()) > best {
+            let bound = self.bound(position + 1, fixed, set.len());
+            if bound > best {
                 self.add_to_set(index, -1);
                 set.pop();
+                // Candidates further on cost at least as much to add and leave at least as many
+                // units unrouted (the pool shrinks): when that alone loses, so does every later
+                // one.
+                let fixed_only = fixed + set.len() as i128 * self.options.split_penalty as i128;
+                if (Objective { unrouted: bound.unrouted, cost: fixed_only }) > best {
+                    return;
+                }
                 continue;
             }
             self.expansions += 1;
@@ -411,7 +425,7 @@ mod tests {
         let plan = plan(&[5, 5], &candidates, options(2, 100));
         assert_eq!(plan.assignments.len(), 2);
         assert_eq!(plan.cost, 500 + 50 + 500 + 50);
-        assert_eq!(plan.objective, 1_100 + 100);
+        assert_eq!(plan.objective, Objective { unrouted: 0, cost: 1_100 + 100 });
 
         // A holds both lines at 2,000; B+C hold one line each at 500 + 500 = 1,000 + units.
         let candidates = [
