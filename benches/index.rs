@@ -76,7 +76,7 @@ fn setup(dir: &std::path::Path) -> (Arc<Index>, std::thread::JoinHandle<()>) {
 
 fn bench_index(criterion: &mut Criterion) {
     let dir = tempfile::tempdir().unwrap();
-    let (index, _thread) = setup(dir.path());
+    let (index, commit_thread) = setup(dir.path());
     let mut counter = 0u64;
     // Acknowledgements are awaited in groups, as a server's concurrent requests would be:
     // awaiting each one alone would time two thread wake-ups, not the index.
@@ -127,6 +127,9 @@ fn bench_index(criterion: &mut Criterion) {
         })
     });
     let _ = index.reservation(ReservationId(1));
+    // Close the store before its directory goes: a write into a deleted directory is fatal.
+    index.wal().stop();
+    commit_thread.join().unwrap();
 }
 
 criterion_group!(benches, bench_index);

@@ -45,7 +45,7 @@ fn bench_group_commit(criterion: &mut Criterion) {
     let dir = tempfile::tempdir().unwrap();
     let (store, _recovered) = Store::open(dir.path(), &StoreOptions::default()).unwrap();
     let feed = Arc::new(Feed::new(16, 1));
-    let (wal, _thread) = store::wal::start(
+    let (wal, commit_thread) = store::wal::start(
         Arc::new(store),
         WalOptions {
             durability: Durability::Fsync,
@@ -82,6 +82,9 @@ fn bench_group_commit(criterion: &mut Criterion) {
         });
     }
     group.finish();
+    // Close the store before its directory goes: a write into a deleted directory is fatal.
+    wal.stop();
+    commit_thread.join().unwrap();
 }
 
 criterion_group!(benches, bench_records, bench_group_commit);

@@ -11,7 +11,7 @@
 
 use std::sync::Arc;
 
-use super::{Hold, IdemEntry, IdemMapKey, IdemOutcome, Index, IndexError, NodeTable, Pending, ShardLocks};
+use super::{Claim, Hold, IdemEntry, IdemOutcome, Index, IndexError, NodeTable, Pending, ShardLocks};
 use crate::domain::{
     AuditEvent, IdempotencyKey, Node, NodeId, ReservationId, ReservationStatus, ReserveLine, Sku,
 };
@@ -19,7 +19,6 @@ use crate::routing::{self, RouteError, RoutePlan, RouteRequest, RoutingRules, St
 use crate::store::keys::{self, IdemNamespace};
 use crate::store::records::{self, IdempotencyRecord, Kind};
 use crate::store::{Cf, Mutation};
-use dashmap::mapref::entry::Entry;
 
 /// Plans redone at most when capacity was taken between planning and claiming.
 const REPLANS_MAX: usize = 4;
@@ -196,27 +195,16 @@ impl Index {
         let slot = self.slot()?;
         let skus: Vec<Sku> = command.request.lines.iter().map(|(sku, _)| sku.clone()).collect();
         let mut locks = self.lock_shards(skus.iter());
-        let map_key: IdemMapKey = (IdemNamespace::Allocate, Arc::from(command.idempotency_key.as_str()));
-        let vacant = match self.idempotency.entry(map_key) {
-            Entry::Occupied(occupied) => {
-                let entry = occupied.get();
-                if entry.fingerprint != command.fingerprint {
-                    return Err(IndexError::AlreadyExists(format!(
-                        "idempotency_key {:?} was used for a different request",
-                        command.idempotency_key.as_str()
-                    )));
+        let key = command.idempotency_key.as_str();
+        let vacant =
+            match self.claim_key(IdemNamespace::Allocate, key, command.fingerprint, "idempotency_key")? {
+                Claim::New(vacant) => vacant,
+                Claim::Replay(IdemOutcome::Allocated(response)) => {
+                    drop((locks, slot));
+                    return self.barrier(AllocateOutcome::Replayed { response });
                 }
-                let IdemOutcome::Allocated(response) = &entry.outcome else {
-                    unreachable!("the allocate namespace holds only allocations")
-                };
-                let response = response.clone();
-                drop(occupied);
-                drop(locks);
-                drop(slot);
-                return self.barrier(AllocateOutcome::Replayed { response });
-            }
-            Entry::Vacant(vacant) => vacant,
-        };
+                Claim::Replay(_) => unreachable!("the allocate namespace holds only allocations"),
+            };
         let now_ms = self.clock.now_ms();
         let day = rules.capacity_day(now_ms);
         let mut attempt = 0;

@@ -201,6 +201,14 @@ enum IdemOutcome {
 
 type IdemMapKey = (IdemNamespace, Arc<str>);
 
+/// What `Index::claim_key` found.
+enum Claim<'a> {
+    /// A new key, held until the outcome is inserted.
+    New(dashmap::mapref::entry::VacantEntry<'a, IdemMapKey, IdemEntry>),
+    /// The outcome remembered for this key and request.
+    Replay(IdemOutcome),
+}
+
 pub struct Index {
     shards: Box<[Mutex<Shard>]>,
     shard_mask: usize,
@@ -339,6 +347,28 @@ impl Index {
         self.wal.try_slot().map_err(|_| IndexError::Overloaded)
     }
 
+    /// Looks up an idempotency key while the caller holds the shard locks of its request: a
+    /// new key is claimed (the entry stays locked until the caller inserts its outcome), a
+    /// known key with the same fingerprint is a replay, and one with another fingerprint is
+    /// ALREADY_EXISTS. `field` names the key in that error.
+    fn claim_key(
+        &self,
+        namespace: IdemNamespace,
+        key: &str,
+        fingerprint: u64,
+        field: &str,
+    ) -> Result<Claim<'_>, IndexError> {
+        match self.idempotency.entry((namespace, Arc::from(key))) {
+            Entry::Vacant(vacant) => Ok(Claim::New(vacant)),
+            Entry::Occupied(occupied) if occupied.get().fingerprint == fingerprint => {
+                Ok(Claim::Replay(occupied.get().outcome.clone()))
+            }
+            Entry::Occupied(_) => {
+                Err(IndexError::AlreadyExists(format!("{field} {key:?} was used for a different request")))
+            }
+        }
+    }
+
     /// A barrier: resolves once everything submitted before it is durable. Used when a request
     /// answers from state another request wrote (a replay, a repeated release).
     fn barrier<T>(&self, value: T) -> Result<Pending<T>, IndexError> {
@@ -414,14 +444,7 @@ impl Index {
     /// (checked here) and no (sku, node) twice (checked by the caller).
     pub fn set_stock(&self, entries: &[StockEntry]) -> Result<Pending<usize>, IndexError> {
         let nodes = self.nodes.load_full();
-        for (index, entry) in entries.iter().enumerate() {
-            if nodes.get(&entry.node_id).is_none() {
-                return Err(IndexError::InvalidArgument(format!(
-                    "entries[{index}].node_id: unknown node {:?}",
-                    entry.node_id.as_str()
-                )));
-            }
-        }
+        known_nodes(&nodes, "entries", entries.iter().map(|entry| &entry.node_id))?;
         let slot = self.slot()?;
         let mut mutation = Mutation::default();
         let mut locks = self.lock_shards(entries.iter().map(|entry| &entry.sku));
@@ -452,37 +475,18 @@ impl Index {
         command: &AdjustStockCommand,
     ) -> Result<Pending<Vec<PositionView>>, IndexError> {
         let nodes = self.nodes.load_full();
-        for (index, entry) in command.entries.iter().enumerate() {
-            if nodes.get(&entry.node_id).is_none() {
-                return Err(IndexError::InvalidArgument(format!(
-                    "entries[{index}].node_id: unknown node {:?}",
-                    entry.node_id.as_str()
-                )));
-            }
-        }
+        known_nodes(&nodes, "entries", command.entries.iter().map(|entry| &entry.node_id))?;
         let fingerprint = command.fingerprint();
         let slot = self.slot()?;
         let mut locks = self.lock_shards(command.entries.iter().map(|entry| &entry.sku));
-        let map_key: IdemMapKey = (IdemNamespace::Adjust, Arc::from(command.adjustment_id.as_str()));
-        let vacant = match self.idempotency.entry(map_key) {
-            Entry::Occupied(occupied) => {
-                let entry = occupied.get();
-                if entry.fingerprint != fingerprint {
-                    return Err(IndexError::AlreadyExists(format!(
-                        "adjustment_id {:?} was used for a different adjustment",
-                        command.adjustment_id.as_str()
-                    )));
-                }
-                let IdemOutcome::Adjusted(views) = &entry.outcome else {
-                    unreachable!("the adjust namespace holds only adjustments")
-                };
-                let views = views.clone();
-                drop(occupied);
-                drop(locks);
-                drop(slot);
+        let key = command.adjustment_id.as_str();
+        let vacant = match self.claim_key(IdemNamespace::Adjust, key, fingerprint, "adjustment_id")? {
+            Claim::New(vacant) => vacant,
+            Claim::Replay(IdemOutcome::Adjusted(views)) => {
+                drop((locks, slot));
                 return self.barrier(views);
             }
-            Entry::Vacant(vacant) => vacant,
+            Claim::Replay(_) => unreachable!("the adjust namespace holds only adjustments"),
         };
         for (index, entry) in command.entries.iter().enumerate() {
             let shard = locks.shard(self.shard_of(&entry.sku));
@@ -652,36 +656,18 @@ impl Index {
     /// (sku, node) twice (checked by the caller).
     pub fn reserve(&self, command: &ReserveCommand) -> Result<Pending<ReserveOutcome>, IndexError> {
         let nodes = self.nodes.load();
-        for (index, line) in command.lines.iter().enumerate() {
-            if nodes.get(&line.node_id).is_none() {
-                return Err(IndexError::InvalidArgument(format!(
-                    "lines[{index}].node_id: unknown node {:?}",
-                    line.node_id.as_str()
-                )));
-            }
-        }
+        known_nodes(&nodes, "lines", command.lines.iter().map(|line| &line.node_id))?;
         let fingerprint = command.fingerprint();
         let slot = self.slot()?;
         let mut locks = self.lock_shards(command.lines.iter().map(|line| &line.sku));
-        let map_key: IdemMapKey = (IdemNamespace::Reserve, Arc::from(command.idempotency_key.as_str()));
-        let vacant = match self.idempotency.entry(map_key) {
-            Entry::Occupied(occupied) => {
-                let entry = occupied.get();
-                if entry.fingerprint != fingerprint {
-                    return Err(IndexError::AlreadyExists(format!(
-                        "idempotency_key {:?} was used for a different request",
-                        command.idempotency_key.as_str()
-                    )));
-                }
-                let IdemOutcome::Reserved { id, expires_at_ms } = entry.outcome else {
-                    unreachable!("the reserve namespace holds only reservations")
-                };
-                drop(occupied);
-                drop(locks);
-                drop(slot);
+        let key = command.idempotency_key.as_str();
+        let vacant = match self.claim_key(IdemNamespace::Reserve, key, fingerprint, "idempotency_key")? {
+            Claim::New(vacant) => vacant,
+            Claim::Replay(IdemOutcome::Reserved { id, expires_at_ms }) => {
+                drop((locks, slot));
                 return self.barrier(ReserveOutcome::Reserved { id, expires_at_ms });
             }
-            Entry::Vacant(vacant) => vacant,
+            Claim::Replay(_) => unreachable!("the reserve namespace holds only reservations"),
         };
         let available: Vec<i64> = command
             .lines
@@ -962,6 +948,23 @@ impl Index {
         self.wal.submit(slot, mutation);
         Ok(old_reservations.len() + old_keys.len())
     }
+}
+
+/// INVALID_ARGUMENT naming the first entry of `list` whose node does not exist.
+fn known_nodes<'a>(
+    nodes: &NodeTable,
+    list: &str,
+    node_ids: impl Iterator<Item = &'a NodeId>,
+) -> Result<(), IndexError> {
+    for (index, node_id) in node_ids.enumerate() {
+        if nodes.get(node_id).is_none() {
+            return Err(IndexError::InvalidArgument(format!(
+                "{list}[{index}].node_id: unknown node {:?}",
+                node_id.as_str()
+            )));
+        }
+    }
+    Ok(())
 }
 
 fn atp_in(nodes: &NodeTable, node_id: &NodeId, position: &Position) -> i64 {
