@@ -19,6 +19,9 @@ pub enum ServiceError {
     Overloaded(&'static str),
     #[error("the server is shutting down")]
     ShuttingDown,
+    /// A broken expectation about stored data (a bug or a damaged store), never bad input.
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 impl From<ServiceError> for Status {
@@ -42,6 +45,7 @@ impl From<ServiceError> for Status {
             },
             ServiceError::Overloaded(_) => Code::ResourceExhausted,
             ServiceError::ShuttingDown => Code::Unavailable,
+            ServiceError::Internal(_) => Code::Internal,
         };
         if matches!(code, Code::Internal | Code::Unavailable) {
             tracing::warn!(error = %error, "request failed");

@@ -16,6 +16,7 @@ use crate::proto::v1;
 use crate::routing::{
     Destination, ExplanationReason, RouteOptions, RoutePlan, RouteRequest, UnroutableReason,
 };
+use crate::store::keys::IdemNamespace;
 
 /// Bytes of a free-text field at most.
 const TEXT_BYTES_MAX: usize = 1_024;
@@ -86,22 +87,48 @@ impl v1::routing_server::Routing for RoutingApi {
                 reference,
                 fingerprint,
             };
-            let outcome = self.core.index.allocate(&command, allocate_response_bytes)?.durable().await?;
+            // The response is built once: encoded for replays by the index, and sent as is.
+            let mut built: Option<v1::AllocateResponse> = None;
+            let encode = |plan: &RoutePlan, reservation: ReservationId, expires_at_ms: Option<u64>| {
+                let response = allocate_response(plan, reservation, expires_at_ms);
+                let bytes = response.encode_to_vec();
+                built = Some(response);
+                bytes
+            };
+            let outcome = self.core.index.allocate(&command, encode)?.durable().await?;
             Ok(match outcome {
                 AllocateOutcome::Reserved { plan, reservation, expires_at_ms } => {
-                    allocate_response(&plan, reservation, expires_at_ms)
+                    built.take().unwrap_or_else(|| allocate_response(&plan, reservation, expires_at_ms))
                 }
                 AllocateOutcome::Unreserved { plan } => v1::AllocateResponse {
                     plan: Some(plan_to_wire(&plan)),
                     reservation_id: String::new(),
                     expires_at: None,
                 },
-                AllocateOutcome::Replayed { response } => v1::AllocateResponse::decode(&response[..])
-                    .expect("a remembered response is one this build encoded"),
+                AllocateOutcome::Replayed => self.replayed(command.idempotency_key.as_str()).await?,
             })
         }
         .await;
         self.core.finish(permit, result)
+    }
+}
+
+impl RoutingApi {
+    /// The original response of a replayed Allocate, read back from the store (a replay is
+    /// rare; keeping every response in memory for the retention period is not).
+    async fn replayed(&self, key: &str) -> Result<v1::AllocateResponse, ServiceError> {
+        let store = self.core.store.clone();
+        let key = key.to_string();
+        let record =
+            tokio::task::spawn_blocking(move || store.read_idempotency(IdemNamespace::Allocate, &key))
+                .await
+                .map_err(|error| ServiceError::Internal(error.to_string()))?
+                .map_err(|error| ServiceError::Internal(error.to_string()))?
+                .ok_or_else(|| {
+                    ServiceError::Internal("a remembered allocation has no stored response".into())
+                })?;
+        v1::AllocateResponse::decode(&record.response[..])
+            .map_err(|error| ServiceError::Internal(error.to_string()))
     }
 }
 
@@ -115,14 +142,6 @@ fn allocate_response(
         reservation_id: reservation.to_string(),
         expires_at: expires_at_ms.map(timestamp),
     }
-}
-
-fn allocate_response_bytes(
-    plan: &RoutePlan,
-    reservation: ReservationId,
-    expires_at_ms: Option<u64>,
-) -> Vec<u8> {
-    allocate_response(plan, reservation, expires_at_ms).encode_to_vec()
 }
 
 /// Parses the fields Route and Allocate share.

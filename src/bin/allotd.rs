@@ -8,6 +8,11 @@ use std::sync::Arc;
 use clap::Parser;
 
 use allot::clock::SystemClock;
+
+/// mimalloc instead of glibc malloc: under load the daemon makes many small allocations on
+/// many threads; with glibc, malloc was a quarter of the daemon's CPU under Allocate load.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use allot::config::Config;
 
 /// Inventory promising and order routing daemon.

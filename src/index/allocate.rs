@@ -39,8 +39,9 @@ pub enum AllocateOutcome {
     Reserved { plan: RoutePlan, reservation: ReservationId, expires_at_ms: Option<u64> },
     /// Nothing to hold (no shipments): not remembered, a retry plans again.
     Unreserved { plan: RoutePlan },
-    /// A replay: the response the original request got, as the API layer encoded it.
-    Replayed { response: Arc<[u8]> },
+    /// A replay: the original response is in the idempotency record of this key (read it
+    /// with `Store::read_idempotency` once this is durable).
+    Replayed,
 }
 
 /// Capacity used on one capacity day.
@@ -188,7 +189,7 @@ impl Index {
     pub fn allocate(
         &self,
         command: &AllocateCommand,
-        encode: impl Fn(&RoutePlan, ReservationId, Option<u64>) -> Vec<u8>,
+        encode: impl FnOnce(&RoutePlan, ReservationId, Option<u64>) -> Vec<u8>,
     ) -> Result<Pending<AllocateOutcome>, IndexError> {
         let nodes = self.nodes.load();
         let rules = self.rules.load();
@@ -199,9 +200,9 @@ impl Index {
         let vacant =
             match self.claim_key(IdemNamespace::Allocate, key, command.fingerprint, "idempotency_key")? {
                 Claim::New(vacant) => vacant,
-                Claim::Replay(IdemOutcome::Allocated(response)) => {
+                Claim::Replay(IdemOutcome::Allocated) => {
                     drop((locks, slot));
-                    return self.barrier(AllocateOutcome::Replayed { response });
+                    return self.barrier(AllocateOutcome::Replayed);
                 }
                 Claim::Replay(_) => unreachable!("the allocate namespace holds only allocations"),
             };
@@ -240,14 +241,14 @@ impl Index {
         };
         let reservation = self.create_hold(&mut locks, &nodes, &mut mutation, hold, now_ms);
         let (id, expires_at_ms) = (reservation.id, reservation.expires_at_ms);
-        let response: Arc<[u8]> = Arc::from(encode(&plan, id, expires_at_ms));
+        let response = encode(&plan, id, expires_at_ms);
         let record = IdempotencyRecord {
             fingerprint: command.fingerprint,
             created_at_ms: now_ms,
             reservation_id: Some(id.0),
             expires_at_ms,
             positions: Vec::new(),
-            response: response.to_vec(),
+            response,
         };
         mutation.put(
             Cf::Idempotency,
@@ -268,7 +269,7 @@ impl Index {
         vacant.insert(IdemEntry {
             fingerprint: command.fingerprint,
             created_at_ms: now_ms,
-            outcome: IdemOutcome::Allocated(response),
+            outcome: IdemOutcome::Allocated,
         });
         drop(locks);
         Ok(Pending::ready(AllocateOutcome::Reserved { plan, reservation: id, expires_at_ms }, ack))

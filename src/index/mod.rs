@@ -195,8 +195,9 @@ enum IdemOutcome {
         expires_at_ms: Option<u64>,
     },
     Adjusted(Vec<PositionView>),
-    /// Allocate: the encoded response.
-    Allocated(Arc<[u8]>),
+    /// Allocate: the response stays on disk only (it holds the whole plan; a replay reads it
+    /// back), so memory holds just the key and fingerprint.
+    Allocated,
 }
 
 type IdemMapKey = (IdemNamespace, Arc<str>);
@@ -284,7 +285,7 @@ impl Index {
                 IdemNamespace::Adjust => IdemOutcome::Adjusted(
                     record.positions.into_iter().filter_map(|view| view.into_view().ok()).collect(),
                 ),
-                IdemNamespace::Allocate => IdemOutcome::Allocated(Arc::from(record.response)),
+                IdemNamespace::Allocate => IdemOutcome::Allocated,
             };
             index.idempotency.insert(
                 (namespace, Arc::from(key.as_str())),

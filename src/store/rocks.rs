@@ -99,6 +99,19 @@ impl Store {
         self.recovered_last_audit_sequence
     }
 
+    /// The remembered outcome of an idempotent request (a replay reads its response here).
+    pub fn read_idempotency(
+        &self,
+        namespace: IdemNamespace,
+        key: &str,
+    ) -> Result<Option<IdempotencyRecord>, StoreError> {
+        let key = keys::idempotency(namespace, key);
+        match self.db.get_cf(self.cf(Cf::Idempotency), &key)? {
+            None => Ok(None),
+            Some(value) => decode(Cf::Idempotency, &key, Kind::Idempotency, &value).map(Some),
+        }
+    }
+
     /// Audit events with sequence >= `from`, at most `limit`.
     pub fn read_audit(&self, from: u64, limit: usize) -> Result<Vec<AuditEvent>, StoreError> {
         let start = keys::audit(from);
