@@ -157,6 +157,7 @@ pub fn install() -> PrometheusHandle {
             // Fails only if another recorder was installed first (an embedding program's).
             let _ = metrics::set_global_recorder(recorder);
             describe();
+            register_at_zero();
             handle
         })
         .clone()
@@ -194,6 +195,18 @@ fn describe() {
     describe_gauge!("allot_watchers", "Open WatchAvailability streams.");
     describe_gauge!("allot_in_flight_requests", "Requests being processed.");
     describe_gauge!("allot_last_sequence", "Sequence number of the last durable availability change.");
+}
+
+/// Metrics otherwise created on their first event, so that a fresh daemon already exports
+/// every series that dashboards and alerts query (and `rate()` starts from a known zero).
+fn register_at_zero() {
+    for reason in ["commit_queue", "in_flight", "message_too_large"] {
+        metrics::counter!("allot_shed_requests_total", "reason" => reason).increment(0);
+    }
+    metrics::counter!("allot_watch_dropped_total", "reason" => "lagged").increment(0);
+    metrics::counter!("allot_reservations_expired_total").increment(0);
+    let _ = metrics::histogram!("allot_commit_fsync_seconds");
+    let _ = metrics::histogram!("allot_commit_batch_mutations");
 }
 
 /// Serves `GET /metrics` on `listener` until `shutdown` resolves.
