@@ -17,8 +17,8 @@ struct Stock {
 }
 
 impl StockSource for Stock {
-    fn line_atp(&self, line: usize) -> Vec<(NodeId, i64)> {
-        self.atp[line].clone()
+    fn line_atp(&self, line: usize) -> std::borrow::Cow<'_, [(NodeId, i64)]> {
+        std::borrow::Cow::Borrowed(&self.atp[line])
     }
 
     fn has_capacity(&self, _node: &Node) -> bool {

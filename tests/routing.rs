@@ -71,7 +71,7 @@ impl TableStock {
 }
 
 impl StockSource for TableStock {
-    fn line_atp(&self, line: usize) -> Vec<(NodeId, i64)> {
+    fn line_atp(&self, line: usize) -> std::borrow::Cow<'_, [(NodeId, i64)]> {
         // The map's order is (line, node id): each line's positions come out sorted by node.
         self.atp
             .range((line, String::new())..(line + 1, String::new()))

@@ -9,6 +9,7 @@
 //! Capacity is not stored on its own: it is the count of today's open or fulfilled
 //! allocations per node, rebuilt from the reservations at start-up.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use super::{Claim, Hold, IdemEntry, IdemOutcome, Index, IndexError, NodeTable, Pending, ShardLocks};
@@ -69,10 +70,10 @@ struct LockedStock<'a, 'b> {
 }
 
 impl StockSource for LockedStock<'_, '_> {
-    fn line_atp(&self, line: usize) -> Vec<(NodeId, i64)> {
+    fn line_atp(&self, line: usize) -> Cow<'_, [(NodeId, i64)]> {
         let sku = &self.skus[line];
         let shard = self.locks.shard_ref(self.index.shard_of(sku));
-        shard.stock(sku).map_or_else(Vec::new, |stock| stock_atp(stock, self.nodes))
+        Cow::Owned(shard.stock(sku).map_or_else(Vec::new, |stock| stock_atp(stock, self.nodes)))
     }
 
     fn has_capacity(&self, node: &Node) -> bool {
@@ -89,8 +90,9 @@ struct SnapshotStock<'a> {
 }
 
 impl StockSource for SnapshotStock<'_> {
-    fn line_atp(&self, line: usize) -> Vec<(NodeId, i64)> {
-        self.atp[line].clone()
+    fn line_atp(&self, line: usize) -> Cow<'_, [(NodeId, i64)]> {
+        // Lent, not cloned: Route already copied these out of the shards.
+        Cow::Borrowed(&self.atp[line])
     }
 
     fn has_capacity(&self, node: &Node) -> bool {

@@ -8,6 +8,7 @@ pub mod geo;
 pub mod planner;
 pub mod rules;
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -193,8 +194,9 @@ pub enum RouteError {
 /// What `route` needs to know about current stock and capacity.
 pub trait StockSource {
     /// ATP of line `line` (index into the request's lines) at each node holding the SKU,
-    /// sorted by node id; nodes not listed have none.
-    fn line_atp(&self, line: usize) -> Vec<(NodeId, i64)>;
+    /// sorted by node id; nodes not listed have none. Borrowed when the source already holds
+    /// the list (a snapshot), owned when it builds it (the locked shards).
+    fn line_atp(&self, line: usize) -> Cow<'_, [(NodeId, i64)]>;
     /// Whether the node can take one more shipment today.
     fn has_capacity(&self, node: &Node) -> bool;
 }
@@ -235,7 +237,7 @@ pub fn route(
     let line_count = request.lines.len();
     let demand: Vec<i64> = request.lines.iter().map(|(_, qty)| *qty).collect();
     // Each line's positions, sorted by node: merged with the node list in one pass.
-    let line_atp: Vec<Vec<(NodeId, i64)>> = (0..line_count).map(|line| stock.line_atp(line)).collect();
+    let line_atp: Vec<Cow<'_, [(NodeId, i64)]>> = (0..line_count).map(|line| stock.line_atp(line)).collect();
     let mut cursors = vec![0usize; line_count];
     let mut atp_row = vec![0i64; line_count];
     // Per node, in node order: why it is out, or which candidate it is.
