@@ -30,7 +30,7 @@ fn setup(dir: &std::path::Path) -> (Arc<Index>, std::thread::JoinHandle<()>) {
             batch_len_max: 4096,
             change_retention: 1_000_000,
         },
-        Box::new(move |changes| feed.publish(changes)),
+        Box::new(move |changes, _events| feed.publish(changes)),
     );
     let options = IndexOptions {
         shard_count: 256,

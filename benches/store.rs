@@ -27,6 +27,7 @@ fn reservation(id: u64) -> Reservation {
         expires_at_ms: Some(1_700_000_060_000),
         updated_at_ms: 1_700_000_000_000,
         capacity_day: None,
+        fulfilment_order_id: None,
     }
 }
 
@@ -53,7 +54,7 @@ fn bench_group_commit(criterion: &mut Criterion) {
             batch_len_max: 65_536,
             change_retention: 1_000,
         },
-        Box::new(move |changes| feed.publish(changes)),
+        Box::new(move |changes, _events| feed.publish(changes)),
     );
     let mut group = criterion.benchmark_group("group commit (fsync)");
     group.sample_size(20);

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::domain::Limits;
+use crate::orders::OrderRules;
 use crate::routing::RoutingRules;
 use crate::store::Durability;
 
@@ -26,6 +27,8 @@ pub struct Config {
     pub limits: Limits,
     /// Distributed order management rules; reloaded on SIGHUP.
     pub routing: RoutingRules,
+    /// Order capture: fraud holds, routing of orders, backorder retry.
+    pub orders: OrderRules,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -86,6 +89,7 @@ impl Default for Config {
             server: ServerConfig::default(),
             limits: Limits::default(),
             routing: RoutingRules::default(),
+            orders: OrderRules::default(),
         }
     }
 }
@@ -154,6 +158,7 @@ impl Config {
     pub fn problems(&self) -> Vec<String> {
         let mut problems = self.limits.problems();
         problems.extend(self.routing.problems());
+        problems.extend(self.orders.problems());
         if !self.index.shard_count.is_power_of_two() || self.index.shard_count > 65_536 {
             problems.push(format!(
                 "index.shard_count {} must be a power of two up to 65536",

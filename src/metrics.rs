@@ -33,10 +33,24 @@ pub enum Rpc {
     WatchAvailability,
     Route,
     Allocate,
+    CaptureOrder,
+    GetOrder,
+    ListOrders,
+    ReleaseHold,
+    CancelOrder,
+    GetOrderHistory,
+    WatchEvents,
+    GetStats,
+    ListFulfilmentOrders,
+    ConfirmShipment,
+    ReportShortage,
+    ConfirmDelivery,
+    CreateReturn,
+    ReceiveReturn,
 }
 
 impl Rpc {
-    pub const ALL: [Rpc; 13] = [
+    pub const ALL: [Rpc; 27] = [
         Rpc::UpsertNodes,
         Rpc::ListNodes,
         Rpc::SetStock,
@@ -50,6 +64,20 @@ impl Rpc {
         Rpc::WatchAvailability,
         Rpc::Route,
         Rpc::Allocate,
+        Rpc::CaptureOrder,
+        Rpc::GetOrder,
+        Rpc::ListOrders,
+        Rpc::ReleaseHold,
+        Rpc::CancelOrder,
+        Rpc::GetOrderHistory,
+        Rpc::WatchEvents,
+        Rpc::GetStats,
+        Rpc::ListFulfilmentOrders,
+        Rpc::ConfirmShipment,
+        Rpc::ReportShortage,
+        Rpc::ConfirmDelivery,
+        Rpc::CreateReturn,
+        Rpc::ReceiveReturn,
     ];
 
     pub fn name(self) -> &'static str {
@@ -67,6 +95,20 @@ impl Rpc {
             Rpc::WatchAvailability => "WatchAvailability",
             Rpc::Route => "Route",
             Rpc::Allocate => "Allocate",
+            Rpc::CaptureOrder => "CaptureOrder",
+            Rpc::GetOrder => "GetOrder",
+            Rpc::ListOrders => "ListOrders",
+            Rpc::ReleaseHold => "ReleaseHold",
+            Rpc::CancelOrder => "CancelOrder",
+            Rpc::GetOrderHistory => "GetOrderHistory",
+            Rpc::WatchEvents => "WatchEvents",
+            Rpc::GetStats => "GetStats",
+            Rpc::ListFulfilmentOrders => "ListFulfilmentOrders",
+            Rpc::ConfirmShipment => "ConfirmShipment",
+            Rpc::ReportShortage => "ReportShortage",
+            Rpc::ConfirmDelivery => "ConfirmDelivery",
+            Rpc::CreateReturn => "CreateReturn",
+            Rpc::ReceiveReturn => "ReceiveReturn",
         }
     }
 }

@@ -11,15 +11,18 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::api::fulfilment::FulfilmentApi;
 use crate::api::inventory::InventoryApi;
+use crate::api::orders::OrdersApi;
 use crate::api::routing::RoutingApi;
 use crate::api::{Admission, Core};
 use crate::background::{self, BackgroundOptions};
 use crate::clock::Clock;
 use crate::config::{Config, ConfigError};
-use crate::events::Feed;
+use crate::events::{EventFeed, Feed};
 use crate::index::{Index, IndexOptions};
 use crate::metrics::RpcMetrics;
+use crate::orders::OrderBook;
 use crate::proto::{self, v1};
 use crate::store::{self, Store, StoreError, StoreOptions, WalOptions};
 
@@ -73,7 +76,10 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Running, Sta
         .map_err(|error| StartError::Other(error.to_string()))??;
     let store = Arc::new(store);
     let feed = Arc::new(Feed::new(config.server.watch_buffer_batches, config.server.watchers_max));
+    let event_feed =
+        Arc::new(EventFeed::new(config.server.watch_buffer_batches, config.orders.event_watchers_max));
     let publisher_feed = feed.clone();
+    let publisher_events = event_feed.clone();
     let (wal, commit_thread) = store::wal::start(
         store.clone(),
         WalOptions {
@@ -82,8 +88,15 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Running, Sta
             batch_len_max: config.store.commit_batch_len_max,
             change_retention: config.store.change_retention,
         },
-        Box::new(move |changes| publisher_feed.publish(changes)),
+        Box::new(move |changes, events| {
+            if !changes.is_empty() {
+                publisher_feed.publish(changes);
+            }
+            publisher_events.publish(events);
+        }),
     );
+    let mut recovered = recovered;
+    let recovered_orders = std::mem::take(&mut recovered.orders);
     let index = Arc::new(Index::new(
         IndexOptions {
             shard_count: config.index.shard_count,
@@ -96,11 +109,14 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Running, Sta
         wal.clone(),
         clock,
     ));
+    let orders = Arc::new(OrderBook::new(index.clone(), config.orders.clone(), recovered_orders));
     let metrics_handle = crate::metrics::install();
     let core = Arc::new(Core {
         index: index.clone(),
         store: store.clone(),
         feed: feed.clone(),
+        orders: orders.clone(),
+        events: event_feed.clone(),
         admission: Admission::new(config.server.in_flight_max),
         rpc_metrics: RpcMetrics::new(),
         watch_out_len_max: config.server.watch_out_len_max,
@@ -134,6 +150,8 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Running, Sta
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<v1::inventory_server::InventoryServer<InventoryApi>>().await;
     health_reporter.set_serving::<v1::routing_server::RoutingServer<RoutingApi>>().await;
+    health_reporter.set_serving::<v1::orders_server::OrdersServer<OrdersApi>>().await;
+    health_reporter.set_serving::<v1::fulfilment_server::FulfilmentServer<FulfilmentApi>>().await;
     health_reporter.set_service_status("", tonic_health::ServingStatus::Serving).await;
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
@@ -150,13 +168,15 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Running, Sta
     let inventory = v1::inventory_server::InventoryServer::new(InventoryApi::new(core.clone()))
         .max_decoding_message_size(message_bytes_max)
         .max_encoding_message_size(message_bytes_max);
-    // Services of later milestones: every RPC answers UNIMPLEMENTED until it is built.
     let routing = v1::routing_server::RoutingServer::new(RoutingApi::new(core.clone()))
         .max_decoding_message_size(message_bytes_max)
         .max_encoding_message_size(message_bytes_max);
-    let orders = v1::orders_server::OrdersServer::new(Unbuilt).max_decoding_message_size(message_bytes_max);
-    let fulfilment =
-        v1::fulfilment_server::FulfilmentServer::new(Unbuilt).max_decoding_message_size(message_bytes_max);
+    let orders_service = v1::orders_server::OrdersServer::new(OrdersApi::new(core.clone()))
+        .max_decoding_message_size(message_bytes_max)
+        .max_encoding_message_size(message_bytes_max);
+    let fulfilment = v1::fulfilment_server::FulfilmentServer::new(FulfilmentApi::new(core.clone()))
+        .max_decoding_message_size(message_bytes_max)
+        .max_encoding_message_size(message_bytes_max);
 
     let background_tasks = background::spawn(
         core.clone(),
@@ -165,6 +185,10 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Running, Sta
             expiry_batch_len_max: config.server.expiry_batch_len_max,
             purge_interval_ms: config.server.purge_interval_ms,
             commit_queue_len_max: config.store.commit_queue_len_max,
+            idempotency_retention_ms: config.index.idempotency_retention_ms,
+            backorder_retry_interval_ms: config.orders.backorder_retry_interval_ms,
+            backorder_retry_batch_len_max: config.orders.backorder_retry_batch_len_max,
+            backorder_full_pass_interval_ms: config.orders.backorder_full_pass_interval_ms,
         },
         shutdown_receiver.clone(),
     );
@@ -178,8 +202,12 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Running, Sta
         // Step one: tell load balancers, refuse new work, end watches so in-flight calls drain.
         shutdown_health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
         shutdown_health.set_not_serving::<v1::inventory_server::InventoryServer<InventoryApi>>().await;
+        shutdown_health.set_not_serving::<v1::routing_server::RoutingServer<RoutingApi>>().await;
+        shutdown_health.set_not_serving::<v1::orders_server::OrdersServer<OrdersApi>>().await;
+        shutdown_health.set_not_serving::<v1::fulfilment_server::FulfilmentServer<FulfilmentApi>>().await;
         shutdown_core.admission.begin_shutdown();
         shutdown_core.feed.close();
+        shutdown_core.events.close();
         tracing::info!("shutting down: not serving, draining in-flight requests");
     };
     let server = tonic::transport::Server::builder()
@@ -190,7 +218,7 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Running, Sta
         .add_service(reflection_v1alpha)
         .add_service(inventory)
         .add_service(routing)
-        .add_service(orders)
+        .add_service(orders_service)
         .add_service(fulfilment)
         // TCP_NODELAY on every accepted connection: a response written in more than one segment
         // would otherwise wait for the client's delayed ACK (40 ms). (The builder's own
@@ -246,13 +274,3 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Running, Sta
 
     Ok(Running { grpc_address, metrics_address, core, shutdown, finished })
 }
-
-/// A service whose RPCs all answer UNIMPLEMENTED (the generated default methods).
-#[derive(Debug, Default, Clone, Copy)]
-pub struct Unbuilt;
-
-#[tonic::async_trait]
-impl v1::orders_server::Orders for Unbuilt {}
-
-#[tonic::async_trait]
-impl v1::fulfilment_server::Fulfilment for Unbuilt {}

@@ -1603,21 +1603,26 @@ async fn metrics_endpoint() {
     daemon.stop().await;
 }
 
-// ----- 12. services of later milestones -----------------------------------------------------
+// ----- 12. every service is served ------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn later_services_are_unimplemented() {
-    // Goal: Orders and Fulfilment are served but answer UNIMPLEMENTED until built; Routing is
-    // built and answers (here: INVALID_ARGUMENT for an empty request). Method: one call on each.
+async fn every_service_is_served() {
+    // Goal: Routing, Orders and Fulfilment are served on the same port and validate their
+    // input (an empty request is INVALID_ARGUMENT naming the field). Method: one call on each.
     let daemon = Daemon::start().await;
     let endpoint = format!("http://{}", daemon.address());
     let mut routing = v1::routing_client::RoutingClient::connect(endpoint.clone()).await.unwrap();
     expect_error("Route", routing.route(v1::RouteRequest::default()).await, Code::InvalidArgument, "lines");
     let mut orders = v1::orders_client::OrdersClient::connect(endpoint.clone()).await.unwrap();
-    expect_error("GetOrder", orders.get_order(v1::GetOrderRequest::default()).await, Code::Unimplemented, "");
+    expect_error(
+        "GetOrder",
+        orders.get_order(v1::GetOrderRequest::default()).await,
+        Code::InvalidArgument,
+        "order_id",
+    );
     let mut fulfilment = v1::fulfilment_client::FulfilmentClient::connect(endpoint).await.unwrap();
     let listed = fulfilment.list_fulfilment_orders(v1::ListFulfilmentOrdersRequest::default()).await;
-    expect_error("ListFulfilmentOrders", listed, Code::Unimplemented, "");
+    expect_error("ListFulfilmentOrders", listed, Code::InvalidArgument, "node_id");
     drop(routing);
     drop(orders);
     drop(fulfilment);

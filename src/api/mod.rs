@@ -5,7 +5,9 @@
 
 pub mod convert;
 pub mod errors;
+pub mod fulfilment;
 pub mod inventory;
+pub mod orders;
 pub mod oversize;
 pub mod routing;
 
@@ -15,9 +17,10 @@ use std::time::Instant;
 
 pub use errors::ServiceError;
 
-use crate::events::Feed;
+use crate::events::{EventFeed, Feed};
 use crate::index::Index;
 use crate::metrics::{Rpc, RpcMetrics};
+use crate::orders::OrderBook;
 use crate::store::Store;
 
 /// What every service handler shares.
@@ -25,6 +28,10 @@ pub struct Core {
     pub index: Arc<Index>,
     pub store: Arc<Store>,
     pub feed: Arc<Feed>,
+    /// The order lifecycle (Orders and Fulfilment services).
+    pub orders: Arc<OrderBook>,
+    /// The event feed (WatchEvents).
+    pub events: Arc<EventFeed>,
     pub admission: Admission,
     pub rpc_metrics: RpcMetrics,
     /// Items buffered per watch stream.

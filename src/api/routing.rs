@@ -199,7 +199,7 @@ pub fn parse_route(
 }
 
 pub fn plan_to_wire(plan: &RoutePlan) -> v1::RoutePlan {
-    use v1::route_plan::{Explanation, Shipment, Unroutable, explanation, unroutable};
+    use v1::route_plan::{Explanation, Shipment, Unroutable, explanation};
     let sku_qty = |(sku, qty): &(Sku, i64)| v1::SkuQty { sku: sku.to_string(), qty: *qty };
     v1::RoutePlan {
         shipments: plan
@@ -220,16 +220,7 @@ pub fn plan_to_wire(plan: &RoutePlan) -> v1::RoutePlan {
             .map(|entry| Unroutable {
                 sku: entry.sku.to_string(),
                 qty: entry.qty,
-                reason: match entry.reason {
-                    UnroutableReason::NoStock => unroutable::Reason::NoStock,
-                    UnroutableReason::NoEligibleNode => unroutable::Reason::NoEligibleNode,
-                    UnroutableReason::PickupNodeLacksStock => unroutable::Reason::PickupNodeLacksStock,
-                    UnroutableReason::CapacityExhausted => unroutable::Reason::CapacityExhausted,
-                    UnroutableReason::ChannelNotAllowed => unroutable::Reason::ChannelNotAllowed,
-                    UnroutableReason::PickupNodeUnavailable => unroutable::Reason::PickupNodeUnavailable,
-                    UnroutableReason::MaxShipmentsExceeded => unroutable::Reason::MaxShipmentsExceeded,
-                    UnroutableReason::PartialNotAllowed => unroutable::Reason::PartialNotAllowed,
-                } as i32,
+                reason: reason_to_wire(entry.reason),
                 detail: entry.detail.clone(),
             })
             .collect(),
@@ -259,4 +250,19 @@ pub fn plan_to_wire(plan: &RoutePlan) -> v1::RoutePlan {
         objective: plan.objective,
         objective_lower_bound: plan.objective_lower_bound,
     }
+}
+
+/// The wire value of an unroutable reason.
+pub fn reason_to_wire(reason: UnroutableReason) -> i32 {
+    use v1::route_plan::unroutable;
+    (match reason {
+        UnroutableReason::NoStock => unroutable::Reason::NoStock,
+        UnroutableReason::NoEligibleNode => unroutable::Reason::NoEligibleNode,
+        UnroutableReason::PickupNodeLacksStock => unroutable::Reason::PickupNodeLacksStock,
+        UnroutableReason::CapacityExhausted => unroutable::Reason::CapacityExhausted,
+        UnroutableReason::ChannelNotAllowed => unroutable::Reason::ChannelNotAllowed,
+        UnroutableReason::PickupNodeUnavailable => unroutable::Reason::PickupNodeUnavailable,
+        UnroutableReason::MaxShipmentsExceeded => unroutable::Reason::MaxShipmentsExceeded,
+        UnroutableReason::PartialNotAllowed => unroutable::Reason::PartialNotAllowed,
+    }) as i32
 }

@@ -13,12 +13,18 @@ use crate::api::Core;
 const PURGE_BATCH_LEN_MAX: usize = 10_000;
 /// How often gauges are refreshed.
 const GAUGE_INTERVAL_MS: u64 = 1_000;
+/// How often the order KPI gauges are recomputed (a scan of every order).
+const ORDER_GAUGE_INTERVAL_MS: u64 = 10_000;
 
 pub struct BackgroundOptions {
     pub expiry_sweep_interval_ms: u64,
     pub expiry_batch_len_max: usize,
     pub purge_interval_ms: u64,
     pub commit_queue_len_max: usize,
+    pub idempotency_retention_ms: u64,
+    pub backorder_retry_interval_ms: u64,
+    pub backorder_retry_batch_len_max: usize,
+    pub backorder_full_pass_interval_ms: u64,
 }
 
 /// Starts the background tasks; they end when `stop` becomes true.
@@ -38,10 +44,79 @@ pub fn spawn(
     }
     {
         let core = core.clone();
+        let options_idempotency_retention_ms = options.idempotency_retention_ms;
         tasks.push(every(options.purge_interval_ms, stop.clone(), move || {
             if let Err(error) = core.index.purge_expired_history(PURGE_BATCH_LEN_MAX) {
                 tracing::warn!(%error, "retention purge skipped");
             }
+            let cutoff_ms = core.index.clock().now_ms().saturating_sub(options_idempotency_retention_ms);
+            if let Err(error) = core.orders.purge_idempotency(cutoff_ms, PURGE_BATCH_LEN_MAX) {
+                tracing::warn!(%error, "order idempotency purge skipped");
+            }
+        }));
+    }
+    {
+        // Backorders: re-route orders waiting for a SKU whose ATP rose, oldest first, in
+        // bounded batches; every full-pass interval, every backorder whatever moved (capacity
+        // resets at the start of a capacity day without any stock change).
+        let core = core.clone();
+        let batch = options.backorder_retry_batch_len_max;
+        let full_pass_every =
+            (options.backorder_full_pass_interval_ms / options.backorder_retry_interval_ms).max(1);
+        let passes = std::sync::atomic::AtomicU64::new(0);
+        let carry: parking_lot::Mutex<Option<std::collections::HashSet<crate::domain::Sku>>> =
+            parking_lot::Mutex::new(Some(std::collections::HashSet::new()));
+        tasks.push(every(options.backorder_retry_interval_ms, stop.clone(), move || {
+            let pass = passes.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+            let mut pending = carry.lock();
+            // SKUs that rose: this interval's, plus what an unfinished pass left over.
+            let risen = match (core.index.take_risen(), pending.take()) {
+                (Some(mut now), Some(before)) => {
+                    now.extend(before);
+                    Some(now)
+                }
+                _ => None,
+            };
+            let risen = if pass.is_multiple_of(full_pass_every) { None } else { risen };
+            if risen.as_ref().is_some_and(|risen| risen.is_empty()) || core.orders.backordered_count() == 0 {
+                *pending = Some(std::collections::HashSet::new());
+                return;
+            }
+            let retried = core.orders.retry_backorders(risen.as_ref(), batch);
+            // A full batch may have left orders behind: look at the same SKUs next time.
+            *pending = if retried == batch { risen } else { Some(std::collections::HashSet::new()) };
+            if retried > 0 {
+                metrics::counter!("allot_backorder_retries_total").increment(retried as u64);
+            }
+        }));
+    }
+    {
+        let core = core.clone();
+        tasks.push(every(ORDER_GAUGE_INTERVAL_MS, stop.clone(), move || {
+            for (channel, stats) in core.orders.stats_by_channel() {
+                let channel = channel.to_string();
+                for status in crate::domain::OrderStatus::ALL {
+                    let count =
+                        stats.by_status.iter().find(|(s, _)| *s == status).map_or(0, |(_, count)| *count);
+                    metrics::gauge!("allot_orders", "status" => status.name(), "channel" => channel.clone())
+                        .set(count as f64);
+                }
+                let rates = [
+                    ("allot_order_fill_rate", stats.fill_rate),
+                    ("allot_order_split_rate", stats.split_rate),
+                    ("allot_order_backorder_rate", stats.backorder_rate),
+                    ("allot_order_return_rate", stats.return_rate),
+                    ("allot_order_perfect_rate", stats.perfect_order_rate),
+                    ("allot_order_cycle_time_p50_seconds", stats.cycle_time_p50_seconds),
+                    ("allot_order_cycle_time_p95_seconds", stats.cycle_time_p95_seconds),
+                ];
+                for (name, value) in rates {
+                    metrics::gauge!(name, "channel" => channel.clone()).set(value);
+                }
+            }
+            metrics::gauge!("allot_backordered_orders").set(core.orders.backordered_count() as f64);
+            metrics::gauge!("allot_event_watchers").set(core.events.watchers() as f64);
+            metrics::gauge!("allot_last_event_sequence").set(core.index.wal().last_event_sequence() as f64);
         }));
     }
     {

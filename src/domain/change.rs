@@ -45,15 +45,31 @@ pub struct AvailabilityChange {
     pub sequence: u64,
 }
 
-/// A durable record of a decision or state change (the audit trail). The commit thread gives
-/// each its sequence number.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One state change of an order, reservation, stock position, fulfilment order or return (the
+/// audit trail and the event feed). The commit thread gives each its gap-free sequence number.
+/// Ids are kept in their wire form; empty when the event does not concern one.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct AuditEvent {
     /// 0 until the commit thread assigns it.
     pub sequence: u64,
     pub at_ms: u64,
-    /// "<entity>.<change>", e.g. "allocation.planned".
+    /// "<entity>.<change>", e.g. "order.captured".
     pub event_type: String,
     pub reservation_id: Option<u64>,
     pub detail: String,
+    pub order_id: String,
+    pub sku: String,
+    pub node_id: String,
+    pub fulfilment_order_id: String,
+    pub return_id: String,
+    /// Who caused it: "system", or the channel, node or operator of the request.
+    pub actor: String,
+    /// Units involved when one quantity applies; else 0.
+    pub qty: i64,
+}
+
+impl AuditEvent {
+    pub fn new(event_type: &str, at_ms: u64, actor: &str) -> Self {
+        Self { event_type: event_type.to_string(), at_ms, actor: actor.to_string(), ..Self::default() }
+    }
 }

@@ -8,6 +8,7 @@ pub mod commands;
 pub mod ids;
 pub mod limits;
 pub mod node;
+pub mod order;
 pub mod position;
 pub mod reservation;
 
@@ -16,5 +17,6 @@ pub use commands::*;
 pub use ids::*;
 pub use limits::Limits;
 pub use node::*;
+pub use order::*;
 pub use position::*;
 pub use reservation::*;

@@ -41,6 +41,10 @@ pub struct Reservation {
     /// The capacity day on which this hold took one shipment of capacity at each of its nodes
     /// (Allocate); `None` for a plain Reserve.
     pub capacity_day: Option<u64>,
+    /// The fulfilment order this reservation backs (orders only). Such a reservation moves
+    /// with its fulfilment order (shipment, shortage, cancellation), never by the Inventory
+    /// service's confirm, extend or release.
+    pub fulfilment_order_id: Option<u64>,
 }
 
 /// One line that could not be held.

@@ -5,5 +5,7 @@
 //! May import `domain`, `index` and `store`; must not import `api` or tonic.
 
 pub mod feed;
+pub mod log;
 
 pub use feed::{Feed, WatchError, WatchRequest, watch_availability};
+pub use log::{EventFeed, watch_events};

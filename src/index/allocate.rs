@@ -12,7 +12,7 @@
 use std::borrow::Cow;
 use std::sync::Arc;
 
-use super::{Claim, Hold, IdemEntry, IdemOutcome, Index, IndexError, NodeTable, Pending, ShardLocks};
+use super::{Claim, Hold, IdemEntry, IdemOutcome, Index, IndexError, NodeTable, Pending, ShardLocks, actor};
 use crate::domain::{
     AuditEvent, IdempotencyKey, Node, NodeId, ReservationId, ReservationStatus, ReserveLine, Sku,
 };
@@ -61,12 +61,12 @@ impl From<RouteError> for IndexError {
 }
 
 /// ATP read straight from the locked shards.
-struct LockedStock<'a, 'b> {
-    index: &'a Index,
-    locks: &'b ShardLocks<'a>,
-    nodes: &'b NodeTable,
-    skus: &'b [Sku],
-    day: u64,
+pub(super) struct LockedStock<'a, 'b> {
+    pub(super) index: &'a Index,
+    pub(super) locks: &'b ShardLocks<'a>,
+    pub(super) nodes: &'b NodeTable,
+    pub(super) skus: &'b [Sku],
+    pub(super) day: u64,
 }
 
 impl StockSource for LockedStock<'_, '_> {
@@ -147,7 +147,7 @@ impl Index {
 
     /// Claims one shipment of capacity at each node (counted at unlimited nodes too); all or
     /// none.
-    fn claim_capacity(&self, nodes: &[Arc<Node>], day: u64) -> bool {
+    pub(super) fn claim_capacity(&self, nodes: &[Arc<Node>], day: u64) -> bool {
         let mut claimed: Vec<&NodeId> = Vec::with_capacity(nodes.len());
         for node in nodes {
             let mut entry = self.capacity.entry(node.node_id.clone()).or_default();
@@ -259,11 +259,10 @@ impl Index {
         );
         // The decision, explained, in the audit log.
         mutation.audit.push(AuditEvent {
-            sequence: 0,
-            at_ms: now_ms,
-            event_type: "allocation.planned".into(),
             reservation_id: Some(id.0),
             detail: plan.summary(),
+            qty: reservation.lines.iter().map(|line| line.qty).sum(),
+            ..AuditEvent::new("allocation.planned", now_ms, actor(command.request.channel.as_ref()))
         });
         let ack = mutation.acknowledged();
         self.wal.submit(slot, mutation);

@@ -14,9 +14,11 @@ mod allocate;
 mod errors;
 mod expiry;
 mod shard;
+mod txn;
 
 pub use allocate::{AllocateCommand, AllocateOutcome};
 pub use errors::IndexError;
+pub use txn::Txn;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -29,9 +31,9 @@ use tokio::sync::oneshot;
 
 use crate::clock::Clock;
 use crate::domain::{
-    self, AdjustStockCommand, AvailabilityChange, Channel, IdempotencyKey, Limits, Node, NodeId, Position,
-    PositionView, Reservation, ReservationId, ReservationStatus, ReserveCommand, ReserveLine, Shortfall, Sku,
-    StockEntry, Transition, TransitionOutcome,
+    self, AdjustStockCommand, AuditEvent, AvailabilityChange, Channel, IdempotencyKey, Limits, Node, NodeId,
+    Position, PositionView, Reservation, ReservationId, ReservationStatus, ReserveCommand, ReserveLine,
+    Shortfall, Sku, StockEntry, Transition, TransitionOutcome,
 };
 use crate::routing::RoutingRules;
 use crate::store::keys::{self, IdemNamespace};
@@ -202,6 +204,16 @@ enum IdemOutcome {
 
 type IdemMapKey = (IdemNamespace, Arc<str>);
 
+/// SKUs remembered as risen between two backorder passes; beyond, "everything rose".
+const RISEN_SKUS_MAX: usize = 65_536;
+
+/// SKUs whose ATP rose since the backorder retry last looked.
+#[derive(Default)]
+struct Risen {
+    skus: std::collections::HashSet<Sku>,
+    overflowed: bool,
+}
+
 /// What `Index::claim_key` found.
 enum Claim<'a> {
     /// A new key, held until the outcome is inserted.
@@ -222,6 +234,8 @@ pub struct Index {
     /// Shipments taken per node on the current capacity day (see `allocate`).
     capacity: DashMap<NodeId, allocate::CapacityUse>,
     rules: ArcSwap<RoutingRules>,
+    /// SKUs whose ATP rose (a leaf lock: taken under shard locks, nothing taken under it).
+    risen: Mutex<Risen>,
     next_reservation_id: AtomicU64,
     /// Gauges, kept as counters so the hot path only does an atomic add.
     position_count: AtomicI64,
@@ -247,6 +261,7 @@ impl Index {
             expiry: ExpiryQueue::new(options.shard_count),
             capacity: DashMap::new(),
             rules: ArcSwap::from_pointee(options.rules.clone()),
+            risen: Mutex::new(Risen::default()),
             next_reservation_id: AtomicU64::new(recovered.next_reservation_id.max(1)),
             position_count: AtomicI64::new(0),
             open_reservation_count: AtomicI64::new(0),
@@ -286,6 +301,11 @@ impl Index {
                     record.positions.into_iter().filter_map(|view| view.into_view().ok()).collect(),
                 ),
                 IdemNamespace::Allocate => IdemOutcome::Allocated,
+                // The order book keeps these (the store hands them over separately).
+                IdemNamespace::Shipment
+                | IdemNamespace::Shortage
+                | IdemNamespace::ReturnCreate
+                | IdemNamespace::ReturnReceive => continue,
             };
             index.idempotency.insert(
                 (namespace, Arc::from(key.as_str())),
@@ -330,7 +350,7 @@ impl Index {
     }
 
     /// Locks the shards of `skus` in ascending order; the guards are indexed by shard number.
-    fn lock_shards<'a>(&'a self, skus: impl Iterator<Item = &'a Sku>) -> ShardLocks<'a> {
+    fn lock_shards<'a, 'b>(&'a self, skus: impl Iterator<Item = &'b Sku>) -> ShardLocks<'a> {
         let mut indexes: Vec<usize> = skus.map(|sku| self.shard_of(sku)).collect();
         indexes.sort_unstable();
         indexes.dedup();
@@ -378,6 +398,40 @@ impl Index {
         let ack = mutation.acknowledged();
         self.wal.submit(slot, mutation);
         Ok(Pending::ready(value, ack))
+    }
+
+    /// Resolves once everything submitted before it is durable (a replay answered from state
+    /// another request wrote waits on this).
+    pub fn durable_barrier(&self) -> Result<oneshot::Receiver<()>, IndexError> {
+        let slot = self.slot()?;
+        let mut mutation = Mutation::default();
+        let ack = mutation.acknowledged();
+        self.wal.submit(slot, mutation);
+        Ok(ack)
+    }
+
+    /// The SKUs whose ATP rose at some node since the last call (the backorder retry's
+    /// trigger); `None` when more rose than the set holds (then retry everything).
+    pub fn take_risen(&self) -> Option<std::collections::HashSet<Sku>> {
+        let mut risen = self.risen.lock();
+        let overflowed = std::mem::take(&mut risen.overflowed);
+        let skus = std::mem::take(&mut risen.skus);
+        if overflowed { None } else { Some(skus) }
+    }
+
+    fn note_rise(&self, sku: &Sku) {
+        let mut risen = self.risen.lock();
+        if risen.overflowed {
+            return;
+        }
+        if risen.skus.len() >= RISEN_SKUS_MAX {
+            risen.overflowed = true;
+            risen.skus = std::collections::HashSet::new();
+            return;
+        }
+        if !risen.skus.contains(sku) {
+            risen.skus.insert(sku.clone());
+        }
     }
 
     // ----- nodes -------------------------------------------------------------------------
@@ -448,6 +502,7 @@ impl Index {
         known_nodes(&nodes, "entries", entries.iter().map(|entry| &entry.node_id))?;
         let slot = self.slot()?;
         let mut mutation = Mutation::default();
+        let now_ms = self.clock.now_ms();
         let mut locks = self.lock_shards(entries.iter().map(|entry| &entry.sku));
         for entry in entries {
             let shard = locks.shard(self.shard_of(&entry.sku));
@@ -462,6 +517,13 @@ impl Index {
                 self.position_count.fetch_add(1, Ordering::Relaxed);
             }
             self.write_position(&mut mutation, &nodes, &entry.sku, &entry.node_id, stock, before, position);
+            mutation.audit.push(AuditEvent {
+                sku: entry.sku.to_string(),
+                node_id: entry.node_id.to_string(),
+                qty: entry.on_hand,
+                detail: format!("on_hand {} -> {}", before.map_or(0, |before| before.on_hand), entry.on_hand),
+                ..AuditEvent::new("stock.set", now_ms, OPERATOR_ACTOR)
+            });
         }
         let ack = mutation.acknowledged();
         self.wal.submit(slot, mutation);
@@ -515,6 +577,18 @@ impl Index {
                 self.position_count.fetch_add(1, Ordering::Relaxed);
             }
             self.write_position(&mut mutation, &nodes, &entry.sku, &entry.node_id, stock, before, position);
+            mutation.audit.push(AuditEvent {
+                sku: entry.sku.to_string(),
+                node_id: entry.node_id.to_string(),
+                qty: entry.delta,
+                detail: format!(
+                    "{}: on_hand {} -> {}",
+                    entry.reason,
+                    before.map_or(0, |before| before.on_hand),
+                    position.on_hand
+                ),
+                ..AuditEvent::new("stock.adjusted", now_ms, OPERATOR_ACTOR)
+            });
             let node = nodes.get(&entry.node_id).expect("checked above");
             views.push(PositionView::new(&entry.sku, node, &position));
         }
@@ -563,6 +637,9 @@ impl Index {
         );
         let atp_before = before.map_or(0, |before| atp_in(nodes, node_id, &before));
         let atp = atp_in(nodes, node_id, &position);
+        if atp > atp_before {
+            self.note_rise(sku);
+        }
         if atp != atp_before {
             mutation.changes.push(AvailabilityChange {
                 sku: sku.clone(),
@@ -702,6 +779,11 @@ impl Index {
         };
         let reservation = self.create_hold(&mut locks, &nodes, &mut mutation, hold, now_ms);
         let (id, expires_at_ms) = (reservation.id, reservation.expires_at_ms);
+        mutation.audit.push(reservation_event(
+            "reservation.created",
+            &reservation,
+            actor(command.channel.as_ref()),
+        ));
         let record = IdempotencyRecord {
             fingerprint,
             created_at_ms: now_ms,
@@ -758,6 +840,7 @@ impl Index {
             expires_at_ms: (hold.ttl_ms > 0).then(|| now_ms.saturating_add(hold.ttl_ms)),
             updated_at_ms: now_ms,
             capacity_day: hold.capacity_day,
+            fulfilment_order_id: None,
         };
         mutation.put(
             Cf::Reservations,
@@ -795,6 +878,12 @@ impl Index {
             .get_mut(&id.0)
             .ok_or_else(|| IndexError::NotFound(format!("reservation {id} does not exist")))?;
         let now_ms = self.clock.now_ms();
+        if let Some(fulfilment_order_id) = reservation.fulfilment_order_id {
+            return Err(IndexError::FailedPrecondition(format!(
+                "reservation {id} backs fulfilment order fo-{fulfilment_order_id}; it moves with that \
+                 fulfilment order (ship, report a shortage, or cancel the order)"
+            )));
+        }
         let due = reservation.status == ReservationStatus::Held
             && reservation.expires_at_ms.is_some_and(|expires_at_ms| expires_at_ms <= now_ms);
         if transition == Transition::Expire && !due {
@@ -868,6 +957,13 @@ impl Index {
             keys::reservation(id),
             records::encode(Kind::Reservation, &ReservationRecord::from_reservation(&reservation)),
         );
+        let (event_type, event_actor) = match applied {
+            Transition::Confirm => ("reservation.confirmed", actor(reservation.channel.as_ref())),
+            Transition::Extend { .. } => ("reservation.extended", actor(reservation.channel.as_ref())),
+            Transition::Release => ("reservation.released", actor(reservation.channel.as_ref())),
+            Transition::Expire => ("reservation.expired", SYSTEM_ACTOR),
+        };
+        mutation.audit.push(reservation_event(event_type, &reservation, event_actor));
         let updated = reservation.clone();
         let ack = mutation.acknowledged();
         self.wal.submit(slot, mutation);
@@ -948,6 +1044,26 @@ impl Index {
         }
         self.wal.submit(slot, mutation);
         Ok(old_reservations.len() + old_keys.len())
+    }
+}
+
+/// The actor of the daemon's own work (expiry, backorder retry, routing).
+pub const SYSTEM_ACTOR: &str = "system";
+/// The actor of stock and node administration (the API carries no operator name yet).
+pub const OPERATOR_ACTOR: &str = "operator";
+
+/// The actor of a request made for `channel` (the channel, or "api" when none was named).
+pub(crate) fn actor(channel: Option<&Channel>) -> &str {
+    channel.map_or("api", |channel| channel.as_str())
+}
+
+/// An event about `reservation` after a change.
+pub(crate) fn reservation_event(event_type: &str, reservation: &Reservation, actor: &str) -> AuditEvent {
+    AuditEvent {
+        reservation_id: Some(reservation.id.0),
+        qty: reservation.lines.iter().map(|line| line.qty).sum(),
+        detail: reservation.reference.clone(),
+        ..AuditEvent::new(event_type, reservation.updated_at_ms, actor)
     }
 }
 

@@ -56,24 +56,7 @@ pub struct Shipment {
     pub estimated_days: i64,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum UnroutableReason {
-    NoStock,
-    NoEligibleNode,
-    PickupNodeLacksStock,
-    CapacityExhausted,
-    ChannelNotAllowed,
-    PickupNodeUnavailable,
-    MaxShipmentsExceeded,
-    PartialNotAllowed,
-}
-
-impl UnroutableReason {
-    /// Lack of stock or capacity: such units may wait as a backorder.
-    fn backorderable(self) -> bool {
-        matches!(self, Self::NoStock | Self::CapacityExhausted | Self::PickupNodeLacksStock)
-    }
-}
+pub use crate::domain::UnroutableReason;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Unroutable {

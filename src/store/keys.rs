@@ -29,6 +29,14 @@ pub enum IdemNamespace {
     Reserve,
     Adjust,
     Allocate,
+    /// Fulfilment.ConfirmShipment.
+    Shipment,
+    /// Fulfilment.ReportShortage.
+    Shortage,
+    /// Fulfilment.CreateReturn.
+    ReturnCreate,
+    /// Fulfilment.ReceiveReturn.
+    ReturnReceive,
 }
 
 impl IdemNamespace {
@@ -37,6 +45,10 @@ impl IdemNamespace {
             IdemNamespace::Reserve => b'r',
             IdemNamespace::Adjust => b'a',
             IdemNamespace::Allocate => b'l',
+            IdemNamespace::Shipment => b's',
+            IdemNamespace::Shortage => b'h',
+            IdemNamespace::ReturnCreate => b'c',
+            IdemNamespace::ReturnReceive => b'v',
         }
     }
 
@@ -45,6 +57,10 @@ impl IdemNamespace {
             b'r' => Some(IdemNamespace::Reserve),
             b'a' => Some(IdemNamespace::Adjust),
             b'l' => Some(IdemNamespace::Allocate),
+            b's' => Some(IdemNamespace::Shipment),
+            b'h' => Some(IdemNamespace::Shortage),
+            b'c' => Some(IdemNamespace::ReturnCreate),
+            b'v' => Some(IdemNamespace::ReturnReceive),
             _ => None,
         }
     }
@@ -85,6 +101,26 @@ pub fn audit_sequence(key: &[u8]) -> Option<u64> {
         return None;
     }
     Some(u64::from_be_bytes(key[1..].try_into().ok()?))
+}
+
+/// The history index of one order: `h` + order id + 0x00 + event sequence (empty value).
+pub fn order_history(order_id: &str, sequence: u64) -> Vec<u8> {
+    let mut key = order_history_prefix(order_id);
+    key.extend_from_slice(&sequence.to_be_bytes());
+    key
+}
+
+pub fn order_history_prefix(order_id: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(2 + order_id.len() + 8);
+    key.push(b'h');
+    key.extend_from_slice(order_id.as_bytes());
+    key.push(0);
+    key
+}
+
+/// Orders, fulfilment orders and returns, by their number.
+pub fn numbered(id: u64) -> [u8; 8] {
+    id.to_be_bytes()
 }
 
 pub const META_LAST_AUDIT_SEQUENCE: &[u8] = b"last_audit_sequence";

@@ -5,12 +5,13 @@
 
 pub mod errors;
 pub mod keys;
+pub mod order_records;
 pub mod records;
 pub mod rocks;
 pub mod wal;
 
 pub use errors::StoreError;
-pub use rocks::{Recovered, Store, StoreOptions};
+pub use rocks::{Recovered, RecoveredOrders, Store, StoreOptions};
 pub use wal::{Durability, Mutation, Op, Slot, WalHandle, WalOptions};
 
 /// The column families, each holding one kind of record.
@@ -22,11 +23,23 @@ pub enum Cf {
     Idempotency,
     Events,
     Meta,
+    Orders,
+    Fulfilment,
+    Returns,
 }
 
 impl Cf {
-    pub const ALL: [Cf; 6] =
-        [Cf::Nodes, Cf::Positions, Cf::Reservations, Cf::Idempotency, Cf::Events, Cf::Meta];
+    pub const ALL: [Cf; 9] = [
+        Cf::Nodes,
+        Cf::Positions,
+        Cf::Reservations,
+        Cf::Idempotency,
+        Cf::Events,
+        Cf::Meta,
+        Cf::Orders,
+        Cf::Fulfilment,
+        Cf::Returns,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -36,6 +49,9 @@ impl Cf {
             Cf::Idempotency => "idempotency",
             Cf::Events => "events",
             Cf::Meta => "meta",
+            Cf::Orders => "orders",
+            Cf::Fulfilment => "fulfilment_orders",
+            Cf::Returns => "returns",
         }
     }
 }

@@ -6,8 +6,8 @@
 use prost::Message;
 
 use crate::domain::{
-    AvailabilityChange, Channel, IdempotencyKey, Node, NodeId, NodeType, Position, PositionView, Reservation,
-    ReservationId, ReservationStatus, ReserveLine, ShippingRates, Sku, Totals,
+    AuditEvent, AvailabilityChange, Channel, IdempotencyKey, Node, NodeId, NodeType, Position, PositionView,
+    Reservation, ReservationId, ReservationStatus, ReserveLine, ShippingRates, Sku, Totals,
 };
 
 /// The record format this build writes and reads.
@@ -25,6 +25,9 @@ pub enum Kind {
     Change = 5,
     Counter = 6,
     Audit = 7,
+    Order = 8,
+    Fulfilment = 9,
+    Return = 10,
 }
 
 pub fn encode<M: Message>(kind: Kind, message: &M) -> Vec<u8> {
@@ -227,6 +230,8 @@ pub struct ReservationRecord {
     pub updated_at_ms: u64,
     #[prost(uint64, optional, tag = "10")]
     pub capacity_day: Option<u64>,
+    #[prost(uint64, optional, tag = "11")]
+    pub fulfilment_order_id: Option<u64>,
 }
 
 impl ReservationRecord {
@@ -260,6 +265,7 @@ impl ReservationRecord {
             expires_at_ms: reservation.expires_at_ms,
             updated_at_ms: reservation.updated_at_ms,
             capacity_day: reservation.capacity_day,
+            fulfilment_order_id: reservation.fulfilment_order_id,
         }
     }
 
@@ -302,6 +308,7 @@ impl ReservationRecord {
             expires_at_ms: self.expires_at_ms,
             updated_at_ms: self.updated_at_ms,
             capacity_day: self.capacity_day,
+            fulfilment_order_id: self.fulfilment_order_id,
         })
     }
 }
@@ -367,7 +374,7 @@ pub struct IdempotencyRecord {
     pub response: Vec<u8>,
 }
 
-/// An audit event (the decision log; orders join it later).
+/// An event of the audit trail (its sequence is the key).
 #[derive(Clone, PartialEq, Message)]
 pub struct AuditRecord {
     #[prost(uint64, tag = "1")]
@@ -378,6 +385,55 @@ pub struct AuditRecord {
     pub reservation_id: Option<u64>,
     #[prost(string, tag = "4")]
     pub detail: String,
+    #[prost(string, tag = "5")]
+    pub order_id: String,
+    #[prost(string, tag = "6")]
+    pub sku: String,
+    #[prost(string, tag = "7")]
+    pub node_id: String,
+    #[prost(string, tag = "8")]
+    pub fulfilment_order_id: String,
+    #[prost(string, tag = "9")]
+    pub return_id: String,
+    #[prost(string, tag = "10")]
+    pub actor: String,
+    #[prost(int64, tag = "11")]
+    pub qty: i64,
+}
+
+impl AuditRecord {
+    pub fn from_event(event: &AuditEvent) -> Self {
+        Self {
+            at_ms: event.at_ms,
+            event_type: event.event_type.clone(),
+            reservation_id: event.reservation_id,
+            detail: event.detail.clone(),
+            order_id: event.order_id.clone(),
+            sku: event.sku.clone(),
+            node_id: event.node_id.clone(),
+            fulfilment_order_id: event.fulfilment_order_id.clone(),
+            return_id: event.return_id.clone(),
+            actor: event.actor.clone(),
+            qty: event.qty,
+        }
+    }
+
+    pub fn into_event(self, sequence: u64) -> AuditEvent {
+        AuditEvent {
+            sequence,
+            at_ms: self.at_ms,
+            event_type: self.event_type,
+            reservation_id: self.reservation_id,
+            detail: self.detail,
+            order_id: self.order_id,
+            sku: self.sku,
+            node_id: self.node_id,
+            fulfilment_order_id: self.fulfilment_order_id,
+            return_id: self.return_id,
+            actor: self.actor,
+            qty: self.qty,
+        }
+    }
 }
 
 #[derive(Clone, PartialEq, Message)]

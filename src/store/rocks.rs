@@ -9,12 +9,15 @@ use rocksdb::{
 };
 
 use super::keys::{self, IdemNamespace};
+use super::order_records::{FulfilmentRecord, OrderRecord, ReturnRecord};
 use super::records::{
     self, AuditRecord, ChangeRecord, CounterRecord, DecodeError, IdempotencyRecord, Kind, NodeRecord,
     PositionRecord, ReservationRecord,
 };
 use super::{Cf, StoreError};
-use crate::domain::{AuditEvent, AvailabilityChange, Node, NodeId, Position, Reservation, Sku};
+use crate::domain::{
+    AuditEvent, AvailabilityChange, FulfilmentOrder, Node, NodeId, Order, Position, Reservation, Return, Sku,
+};
 
 /// The format this build writes; a newer one on disk is refused rather than misread.
 const STORE_FORMAT_VERSION: u64 = 1;
@@ -52,6 +55,17 @@ pub struct Recovered {
     /// One past the highest reservation id ever allocated.
     pub next_reservation_id: u64,
     pub last_sequence: u64,
+    pub orders: RecoveredOrders,
+}
+
+/// The order side of the state read back at start-up.
+#[derive(Default)]
+pub struct RecoveredOrders {
+    pub orders: Vec<Order>,
+    pub fulfilment_orders: Vec<FulfilmentOrder>,
+    pub returns: Vec<Return>,
+    /// Idempotency records of the fulfilment RPCs (shipments, shortages, returns).
+    pub idempotency: Vec<(IdemNamespace, String, IdempotencyRecord)>,
 }
 
 impl Store {
@@ -122,13 +136,34 @@ impl Store {
             let (key, value) = item?;
             let Some(sequence) = keys::audit_sequence(&key) else { break };
             let record: AuditRecord = decode(Cf::Events, &key, Kind::Audit, &value)?;
-            events.push(AuditEvent {
-                sequence,
-                at_ms: record.at_ms,
-                event_type: record.event_type,
-                reservation_id: record.reservation_id,
-                detail: record.detail,
-            });
+            events.push(record.into_event(sequence));
+        }
+        Ok(events)
+    }
+
+    /// The events naming `order_id`, oldest first, at most `limit`.
+    pub fn read_order_history(&self, order_id: &str, limit: usize) -> Result<Vec<AuditEvent>, StoreError> {
+        let prefix = keys::order_history_prefix(order_id);
+        let mut keys_found = Vec::new();
+        let iterator =
+            self.db.iterator_cf(self.cf(Cf::Events), IteratorMode::From(&prefix, Direction::Forward));
+        for item in iterator.take(limit) {
+            let (key, _) = item?;
+            if !key.starts_with(&prefix) || key.len() != prefix.len() + 8 {
+                break;
+            }
+            let sequence = u64::from_be_bytes(key[prefix.len()..].try_into().expect("8 bytes"));
+            keys_found.push((sequence, keys::audit(sequence)));
+        }
+        let cf = self.cf(Cf::Events);
+        let values = self.db.multi_get_cf(keys_found.iter().map(|(_, key)| (cf, key.as_slice())));
+        let mut events = Vec::with_capacity(keys_found.len());
+        for ((sequence, key), value) in keys_found.iter().zip(values) {
+            // An event trimmed from the log leaves its history key behind: skip it.
+            if let Some(value) = value? {
+                let record: AuditRecord = decode(Cf::Events, key, Kind::Audit, &value)?;
+                events.push(record.into_event(*sequence));
+            }
         }
         Ok(events)
     }
@@ -202,7 +237,38 @@ impl Store {
             let (Some(namespace), Some(text)) = (namespace, text) else {
                 return Err(corrupt(Cf::Idempotency, &key, DecodeError::Field("key".into())));
             };
-            recovered.idempotency.push((namespace, text.to_string(), record));
+            match namespace {
+                IdemNamespace::Reserve | IdemNamespace::Adjust | IdemNamespace::Allocate => {
+                    recovered.idempotency.push((namespace, text.to_string(), record));
+                }
+                IdemNamespace::Shipment
+                | IdemNamespace::Shortage
+                | IdemNamespace::ReturnCreate
+                | IdemNamespace::ReturnReceive => {
+                    recovered.orders.idempotency.push((namespace, text.to_string(), record));
+                }
+            }
+        }
+        for (key, value) in self.scan(Cf::Orders)? {
+            let record: OrderRecord = decode(Cf::Orders, &key, Kind::Order, &value)?;
+            recovered
+                .orders
+                .orders
+                .push(record.into_order().map_err(|error| corrupt(Cf::Orders, &key, error))?);
+        }
+        for (key, value) in self.scan(Cf::Fulfilment)? {
+            let record: FulfilmentRecord = decode(Cf::Fulfilment, &key, Kind::Fulfilment, &value)?;
+            recovered
+                .orders
+                .fulfilment_orders
+                .push(record.into_fulfilment().map_err(|error| corrupt(Cf::Fulfilment, &key, error))?);
+        }
+        for (key, value) in self.scan(Cf::Returns)? {
+            let record: ReturnRecord = decode(Cf::Returns, &key, Kind::Return, &value)?;
+            recovered
+                .orders
+                .returns
+                .push(record.into_return().map_err(|error| corrupt(Cf::Returns, &key, error))?);
         }
         let next_id = self.counter(keys::META_NEXT_RESERVATION_ID)?.unwrap_or(0);
         recovered.next_reservation_id = next_id.max(highest_id) + 1;
@@ -220,6 +286,7 @@ impl Store {
             nodes = recovered.nodes.len(),
             positions = recovered.positions.len(),
             reservations = recovered.reservations.len(),
+            orders = recovered.orders.orders.len(),
             idempotency_keys = recovered.idempotency.len(),
             last_sequence,
             elapsed_ms = started.elapsed().as_millis() as u64,

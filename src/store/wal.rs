@@ -80,8 +80,9 @@ impl Mutation {
     }
 }
 
-/// Called by the commit thread with each durable batch of changes, in sequence order.
-pub type Publisher = Box<dyn FnMut(Vec<AvailabilityChange>) + Send>;
+/// Called by the commit thread with each durable batch of availability changes and events,
+/// each in sequence order.
+pub type Publisher = Box<dyn FnMut(Vec<AvailabilityChange>, Vec<AuditEvent>) + Send>;
 
 /// The writers' side of the commit thread.
 #[derive(Clone)]
@@ -91,6 +92,8 @@ pub struct WalHandle {
     queue_len_max: usize,
     /// The last sequence number made durable (and published).
     last_sequence: Arc<AtomicU64>,
+    /// The last event sequence made durable (and published).
+    last_event_sequence: Arc<AtomicU64>,
 }
 
 /// A reserved place in the commit queue; dropping it unused gives the place back.
@@ -146,6 +149,10 @@ impl WalHandle {
     pub fn last_sequence(&self) -> u64 {
         self.last_sequence.load(Ordering::Acquire)
     }
+
+    pub fn last_event_sequence(&self) -> u64 {
+        self.last_event_sequence.load(Ordering::Acquire)
+    }
 }
 
 /// Starts the commit thread. It ends when every `WalHandle` is dropped and the queue is drained.
@@ -158,17 +165,28 @@ pub fn start(
     let (sender, receiver) = crossbeam_channel::bounded(options.queue_len_max);
     let queued = Arc::new(AtomicUsize::new(0));
     let last_sequence = Arc::new(AtomicU64::new(store.recovered_last_sequence()));
+    let last_event_sequence = Arc::new(AtomicU64::new(store.recovered_last_audit_sequence()));
     let handle = WalHandle {
         sender,
         queued: queued.clone(),
         queue_len_max: options.queue_len_max,
         last_sequence: last_sequence.clone(),
+        last_event_sequence: last_event_sequence.clone(),
     };
     let thread = std::thread::Builder::new()
         .name("allot-commit".into())
-        .spawn(move || commit_loop(&store, &options, &receiver, &queued, &last_sequence, &mut publisher))
+        .spawn(move || {
+            let sequences = Sequences { changes: &last_sequence, events: &last_event_sequence };
+            commit_loop(&store, &options, &receiver, &queued, &sequences, &mut publisher)
+        })
         .expect("spawning the commit thread");
     (handle, thread)
+}
+
+/// The last durable sequence numbers, shared with the writers' handles.
+struct Sequences<'a> {
+    changes: &'a AtomicU64,
+    events: &'a AtomicU64,
 }
 
 fn commit_loop(
@@ -176,9 +194,11 @@ fn commit_loop(
     options: &WalOptions,
     receiver: &Receiver<Mutation>,
     queued: &AtomicUsize,
-    last_sequence: &AtomicU64,
+    sequences: &Sequences<'_>,
     publisher: &mut Publisher,
 ) {
+    let last_sequence = sequences.changes;
+    let last_event_sequence = sequences.events;
     let mut write_options = WriteOptions::default();
     write_options.set_sync(options.durability == Durability::Fsync);
     let mut sequence = last_sequence.load(Ordering::Acquire);
@@ -199,6 +219,7 @@ fn commit_loop(
         let stopping = batch.iter().any(|mutation| mutation.stop);
         let mut write_batch = WriteBatch::default();
         let mut published = Vec::new();
+        let mut events = Vec::new();
         for mutation in &mut batch {
             for op in mutation.ops.drain(..) {
                 match op {
@@ -214,19 +235,22 @@ fn commit_loop(
                 published.push(change);
             }
             let audit_before = audit_sequence;
-            for event in mutation.audit.drain(..) {
+            for mut event in mutation.audit.drain(..) {
                 audit_sequence += 1;
-                let record = AuditRecord {
-                    at_ms: event.at_ms,
-                    event_type: event.event_type,
-                    reservation_id: event.reservation_id,
-                    detail: event.detail,
-                };
+                event.sequence = audit_sequence;
                 write_batch.put_cf(
                     store.cf(Cf::Events),
                     keys::audit(audit_sequence),
-                    records::encode(Kind::Audit, &record),
+                    records::encode(Kind::Audit, &AuditRecord::from_event(&event)),
                 );
+                if !event.order_id.is_empty() {
+                    write_batch.put_cf(
+                        store.cf(Cf::Events),
+                        keys::order_history(&event.order_id, audit_sequence),
+                        [],
+                    );
+                }
+                events.push(event);
             }
             if audit_sequence != audit_before {
                 let value = records::encode(Kind::Counter, &CounterRecord { value: audit_sequence });
@@ -264,14 +288,15 @@ fn commit_loop(
         metrics::histogram!("allot_commit_fsync_seconds").record(started.elapsed().as_secs_f64());
         metrics::histogram!("allot_commit_batch_mutations").record(batch.len() as f64);
         last_sequence.store(sequence, Ordering::Release);
+        last_event_sequence.store(audit_sequence, Ordering::Release);
         for mutation in batch.drain(..) {
             if let Some(ack) = mutation.ack {
                 // The waiter may have gone (client cancelled): the change is durable anyway.
                 let _ = ack.send(());
             }
         }
-        if !published.is_empty() {
-            publisher(published);
+        if !published.is_empty() || !events.is_empty() {
+            publisher(published, events);
         }
         if stopping {
             tracing::info!(last_sequence = sequence, "commit thread stopped");

@@ -43,7 +43,26 @@ impl Daemon {
     /// Starts `allotd` on `data_dir` with free ports and waits until it logs that it serves.
     /// Panics with the captured log if it exits or is not ready within `READY_TIMEOUT`.
     pub fn start(data_dir: &Path) -> Daemon {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_allotd"))
+        Daemon::spawn(data_dir, None)
+    }
+
+    /// Like `start`, with `config_toml` as the daemon's configuration file (`--config`). The
+    /// file is written into `data_dir` as `allotd-test.toml` (RocksDB leaves files it does not
+    /// know alone), so a restart with the same text finds the same configuration; the flags
+    /// still set the data directory and the ports.
+    pub fn start_with_config(data_dir: &Path, config_toml: &str) -> Daemon {
+        std::fs::create_dir_all(data_dir).expect("creating the data directory");
+        let config_path = data_dir.join("allotd-test.toml");
+        std::fs::write(&config_path, config_toml).expect("writing the test configuration");
+        Daemon::spawn(data_dir, Some(&config_path))
+    }
+
+    fn spawn(data_dir: &Path, config_path: Option<&Path>) -> Daemon {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_allotd"));
+        if let Some(config_path) = config_path {
+            command.arg("--config").arg(config_path);
+        }
+        let mut child = command
             .arg("--data-dir")
             .arg(data_dir)
             .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])

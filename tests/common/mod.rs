@@ -1,8 +1,10 @@
 //! Shared test helpers: an in-process index on a real RocksDB, in-process servers on port 0,
-//! the real `allotd` binary as a child process (`daemon`), and gRPC clients.
+//! the real `allotd` binary as a child process (`daemon`), and gRPC clients (`orders` has those
+//! of the Orders and Fulfilment tests).
 #![allow(dead_code)]
 
 pub mod daemon;
+pub mod orders;
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -36,7 +38,7 @@ impl Engine {
                 batch_len_max: 512,
                 change_retention: 100_000,
             },
-            Box::new(move |changes| feed.publish(changes)),
+            Box::new(move |changes, _events| feed.publish(changes)),
         );
         let index = Arc::new(Index::new(
             IndexOptions {

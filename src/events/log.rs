@@ -1,0 +1,156 @@
+//! The event feed (WatchEvents): every event of the audit trail in sequence order, replayed
+//! from the store and then followed live. The sequencer is the commit thread; this module only
+//! delivers. A consumer that falls behind the broadcast buffer is ended and resumes from its
+//! last sequence + 1.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use tokio::sync::{broadcast, mpsc};
+
+use super::feed::WatchError;
+use crate::domain::AuditEvent;
+use crate::store::{Store, WalHandle};
+
+/// Events read from the store per page while replaying.
+const REPLAY_PAGE_LEN: usize = 1_024;
+
+/// The live side: batches of durable events in sequence order.
+pub struct EventFeed {
+    sender: broadcast::Sender<Arc<[AuditEvent]>>,
+    closed: tokio::sync::watch::Sender<bool>,
+    watchers: AtomicUsize,
+    watchers_max: usize,
+}
+
+impl EventFeed {
+    /// `buffer_batches`: commit batches a watcher may fall behind before it is dropped.
+    pub fn new(buffer_batches: usize, watchers_max: usize) -> Self {
+        let (sender, _) = broadcast::channel(buffer_batches.max(1));
+        let (closed, _) = tokio::sync::watch::channel(false);
+        Self { sender, closed, watchers: AtomicUsize::new(0), watchers_max }
+    }
+
+    /// Called by the commit thread after each durable batch. Never blocks.
+    pub fn publish(&self, events: Vec<AuditEvent>) {
+        if !events.is_empty() {
+            let _ = self.sender.send(Arc::from(events));
+        }
+    }
+
+    /// Ends every watch (graceful shutdown).
+    pub fn close(&self) {
+        self.closed.send_replace(true);
+    }
+
+    pub fn watchers(&self) -> usize {
+        self.watchers.load(Ordering::Relaxed)
+    }
+}
+
+struct WatcherGuard<'a>(&'a AtomicUsize);
+
+impl Drop for WatcherGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Starts a WatchEvents stream: every event with sequence >= `from_sequence` (0 and 1 = the
+/// oldest) whose type is in `types` (empty = all), then live events.
+pub fn watch_events(
+    store: Arc<Store>,
+    wal: WalHandle,
+    feed: Arc<EventFeed>,
+    from_sequence: u64,
+    types: Vec<String>,
+    out_len_max: usize,
+) -> Result<mpsc::Receiver<Result<AuditEvent, WatchError>>, WatchError> {
+    let before = feed.watchers.fetch_add(1, Ordering::Relaxed);
+    if before >= feed.watchers_max {
+        feed.watchers.fetch_sub(1, Ordering::Relaxed);
+        return Err(WatchError::TooManyWatchers(feed.watchers_max));
+    }
+    // Subscribe before reading, so no event falls between the replay and the live feed.
+    let mut live = feed.sender.subscribe();
+    let mut closed = feed.closed.subscribe();
+    let (sender, receiver) = mpsc::channel(out_len_max.max(1));
+    let types: HashSet<String> = types.into_iter().collect();
+    let wanted = move |event: &AuditEvent| types.is_empty() || types.contains(&event.event_type);
+    tokio::spawn(async move {
+        let _guard = WatcherGuard(&feed.watchers);
+        let mut next = from_sequence.max(1);
+        // Replay what is durable; stop at the durable end seen when the page was read.
+        loop {
+            let end = wal.last_event_sequence();
+            if next > end {
+                break;
+            }
+            let store = store.clone();
+            let page = tokio::task::spawn_blocking(move || store.read_audit(next, REPLAY_PAGE_LEN)).await;
+            let page = match page {
+                Ok(Ok(page)) => page,
+                Ok(Err(error)) => {
+                    let _ = sender.send(Err(WatchError::Store(error.to_string()))).await;
+                    return;
+                }
+                Err(error) => {
+                    let _ = sender.send(Err(WatchError::Store(error.to_string()))).await;
+                    return;
+                }
+            };
+            let mut progressed = false;
+            for event in page {
+                if event.sequence > end {
+                    break;
+                }
+                if event.sequence != next {
+                    // Trimmed or never written: the history has a hole we cannot fill.
+                    let _ = sender
+                        .send(Err(WatchError::TooOld { requested: next, oldest: event.sequence }))
+                        .await;
+                    return;
+                }
+                next = event.sequence + 1;
+                progressed = true;
+                if wanted(&event) && sender.send(Ok(event)).await.is_err() {
+                    return;
+                }
+            }
+            if !progressed {
+                break;
+            }
+        }
+        let mut last_sent = next - 1;
+        loop {
+            let received = tokio::select! {
+                received = live.recv() => received,
+                _ = sender.closed() => return,
+                _ = async { closed.wait_for(|closed| *closed).await.map(|_| ()) } => {
+                    let _ = sender.send(Err(WatchError::Closed { resume_from: last_sent + 1 })).await;
+                    return;
+                }
+            };
+            let batch = match received {
+                Ok(batch) => batch,
+                Err(broadcast::error::RecvError::Closed) => return,
+                Err(broadcast::error::RecvError::Lagged(_)) => {
+                    metrics::counter!("allot_watch_dropped_total", "reason" => "lagged").increment(1);
+                    let _ = sender.send(Err(WatchError::Lagged { resume_from: last_sent + 1 })).await;
+                    return;
+                }
+            };
+            for event in batch.iter() {
+                if event.sequence <= last_sent {
+                    continue;
+                }
+                last_sent = event.sequence;
+                if wanted(event) && sender.send(Ok(event.clone())).await.is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    Ok(receiver)
+}
