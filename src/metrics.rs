@@ -237,6 +237,24 @@ fn describe() {
     describe_gauge!("allot_watchers", "Open WatchAvailability streams.");
     describe_gauge!("allot_in_flight_requests", "Requests being processed.");
     describe_gauge!("allot_last_sequence", "Sequence number of the last durable availability change.");
+    describe_counter!("allot_orders_captured_total", "Orders captured (replays not counted).");
+    describe_counter!("allot_shipments_total", "Shipments confirmed (replays not counted).");
+    describe_counter!("allot_backorder_retries_total", "Backordered orders re-routed by the retry.");
+    describe_gauge!("allot_orders", "Orders in each status, every channel.");
+    describe_gauge!("allot_channel_orders", "Orders in each status, per channel.");
+    describe_gauge!("allot_backordered_orders", "Orders with units waiting for stock.");
+    describe_gauge!("allot_order_fill_rate", "Units shipped or allocated / units ordered and not cancelled.");
+    describe_gauge!(
+        "allot_order_split_rate",
+        "Routed orders with more than one fulfilment order / routed orders."
+    );
+    describe_gauge!("allot_order_backorder_rate", "Orders that ever had a backordered unit / routed orders.");
+    describe_gauge!("allot_order_return_rate", "Units returned / units shipped.");
+    describe_gauge!("allot_order_perfect_rate", "Perfect orders / delivered orders.");
+    describe_gauge!("allot_order_cycle_time_p50_seconds", "Capture to fully shipped, median.");
+    describe_gauge!("allot_order_cycle_time_p95_seconds", "Capture to fully shipped, 95th percentile.");
+    describe_gauge!("allot_event_watchers", "Open WatchEvents streams.");
+    describe_gauge!("allot_last_event_sequence", "Sequence number of the last durable event.");
 }
 
 /// Metrics otherwise created on their first event, so that a fresh daemon already exports
@@ -247,6 +265,9 @@ fn register_at_zero() {
     }
     metrics::counter!("allot_watch_dropped_total", "reason" => "lagged").increment(0);
     metrics::counter!("allot_reservations_expired_total").increment(0);
+    metrics::counter!("allot_orders_captured_total").increment(0);
+    metrics::counter!("allot_shipments_total").increment(0);
+    metrics::counter!("allot_backorder_retries_total").increment(0);
     let _ = metrics::histogram!("allot_commit_fsync_seconds");
     let _ = metrics::histogram!("allot_commit_batch_mutations");
 }

@@ -93,25 +93,30 @@ pub fn spawn(
     {
         let core = core.clone();
         tasks.push(every(ORDER_GAUGE_INTERVAL_MS, stop.clone(), move || {
+            let stats = core.orders.stats(None);
+            for status in crate::domain::OrderStatus::ALL {
+                let count = stats.by_status.iter().find(|(s, _)| *s == status).map_or(0, |(_, count)| *count);
+                metrics::gauge!("allot_orders", "status" => status.name()).set(count as f64);
+            }
+            let rates = [
+                ("allot_order_fill_rate", stats.fill_rate),
+                ("allot_order_split_rate", stats.split_rate),
+                ("allot_order_backorder_rate", stats.backorder_rate),
+                ("allot_order_return_rate", stats.return_rate),
+                ("allot_order_perfect_rate", stats.perfect_order_rate),
+                ("allot_order_cycle_time_p50_seconds", stats.cycle_time_p50_seconds),
+                ("allot_order_cycle_time_p95_seconds", stats.cycle_time_p95_seconds),
+            ];
+            for (name, value) in rates {
+                metrics::gauge!(name).set(value);
+            }
+            // Channels are few (web, marketplace, POS, B2B): a bounded label.
             for (channel, stats) in core.orders.stats_by_channel() {
-                let channel = channel.to_string();
+                // Every status, zeros included: a status an order left must drop to 0.
                 for status in crate::domain::OrderStatus::ALL {
-                    let count =
-                        stats.by_status.iter().find(|(s, _)| *s == status).map_or(0, |(_, count)| *count);
-                    metrics::gauge!("allot_orders", "status" => status.name(), "channel" => channel.clone())
+                    let count = stats.by_status.iter().find(|(s, _)| *s == status).map_or(0, |(_, count)| *count);
+                    metrics::gauge!("allot_channel_orders", "status" => status.name(), "channel" => channel.to_string())
                         .set(count as f64);
-                }
-                let rates = [
-                    ("allot_order_fill_rate", stats.fill_rate),
-                    ("allot_order_split_rate", stats.split_rate),
-                    ("allot_order_backorder_rate", stats.backorder_rate),
-                    ("allot_order_return_rate", stats.return_rate),
-                    ("allot_order_perfect_rate", stats.perfect_order_rate),
-                    ("allot_order_cycle_time_p50_seconds", stats.cycle_time_p50_seconds),
-                    ("allot_order_cycle_time_p95_seconds", stats.cycle_time_p95_seconds),
-                ];
-                for (name, value) in rates {
-                    metrics::gauge!(name, "channel" => channel.clone()).set(value);
                 }
             }
             metrics::gauge!("allot_backordered_orders").set(core.orders.backordered_count() as f64);
