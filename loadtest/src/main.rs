@@ -30,6 +30,12 @@ enum Scenario {
     Route,
     /// Allocate (plan and reserve, durable) of `--lines` random SKUs, qty 1 each.
     Allocate,
+    /// CaptureOrder (validate, route, one fulfilment order per node, durable) of `--lines`
+    /// random SKUs, qty 1 each, with a unique external order id.
+    Capture,
+    /// A whole checkout: CaptureOrder, then ConfirmShipment of every fulfilment order it made;
+    /// the latency is that of the sequence.
+    Checkout,
 }
 
 #[derive(Debug, Parser)]
@@ -196,7 +202,9 @@ async fn run_caller(
     let mut rng = StdRng::seed_from_u64(flags.seed.wrapping_mul(1_000_003).wrapping_add(caller as u64));
     let mut inventory = v1::inventory_client::InventoryClient::new(channel.clone());
     let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
-    let mut routing = v1::routing_client::RoutingClient::new(channel);
+    let mut routing = v1::routing_client::RoutingClient::new(channel.clone());
+    let mut orders = v1::orders_client::OrdersClient::new(channel.clone());
+    let mut fulfilment = v1::fulfilment_client::FulfilmentClient::new(channel);
     let mut sequence = 0u64;
     while Instant::now() < deadline {
         let total = sent.fetch_add(1, Ordering::Relaxed);
@@ -260,6 +268,33 @@ async fn run_caller(
                         }
                     })
             }
+            Scenario::Capture => {
+                orders.capture_order(capture(&mut rng, flags, caller, sequence)).await.map(|_| ())
+            }
+            Scenario::Checkout => {
+                match orders.capture_order(capture(&mut rng, flags, caller, sequence)).await {
+                    Err(status) => Err(status),
+                    Ok(order) => {
+                        let mut result = Ok(());
+                        for fulfilment_order_id in &order.get_ref().fulfilment_order_ids {
+                            let shipped = fulfilment
+                                .confirm_shipment(v1::ConfirmShipmentRequest {
+                                    fulfilment_order_id: fulfilment_order_id.clone(),
+                                    idempotency_key: format!("ship-{}-{fulfilment_order_id}", flags.seed),
+                                    lines: Vec::new(),
+                                    carrier: "load".into(),
+                                    tracking_number: format!("T{caller}-{sequence}"),
+                                })
+                                .await;
+                            if let Err(status) = shipped {
+                                result = Err(status);
+                                break;
+                            }
+                        }
+                        result
+                    }
+                }
+            }
         };
         let micros = started.elapsed().as_micros().max(1) as u64;
         latency.saturating_record(micros);
@@ -288,6 +323,45 @@ fn order(rng: &mut StdRng, flags: &Flags) -> v1::RouteRequest {
         method: v1::Method::Ship as i32,
         options: Some(v1::RouteOptions { max_shipments: 0, allow_partial: true, allow_backorder: true }),
         ..v1::RouteRequest::default()
+    }
+}
+
+/// A random order for CaptureOrder: `--lines` distinct SKUs, qty 1, a complete US address,
+/// payment authorised, a unique external id.
+fn capture(rng: &mut StdRng, flags: &Flags, caller: usize, sequence: u64) -> v1::CaptureOrderRequest {
+    let route = order(rng, flags);
+    let location = route.ship_to.unwrap_or_default();
+    v1::CaptureOrderRequest {
+        channel: "load".into(),
+        external_order_id: format!("load-{}-{caller}-{sequence}", flags.seed),
+        customer: Some(v1::Customer { customer_id: format!("c-{caller}"), ..v1::Customer::default() }),
+        ship_to: Some(v1::Address {
+            line1: "1 Main St".into(),
+            city: "Springfield".into(),
+            postal_code: "00000".into(),
+            country: "US".into(),
+            lat: location.lat,
+            lon: location.lon,
+            ..v1::Address::default()
+        }),
+        lines: route
+            .lines
+            .iter()
+            .enumerate()
+            .map(|(index, line)| v1::capture_order_request::Line {
+                line_id: index.to_string(),
+                sku: line.sku.clone(),
+                qty: line.qty,
+                unit_price: 1_000,
+            })
+            .collect(),
+        payment: Some(v1::Payment {
+            authorization_id: format!("auth-{caller}-{sequence}"),
+            status: v1::payment::Status::Authorized as i32,
+            amount: 1_000 * route.lines.len() as i64,
+        }),
+        method: v1::Method::Ship as i32,
+        pickup_node_id: String::new(),
     }
 }
 

@@ -155,7 +155,7 @@ impl OrderBook {
         let response = encode(&fo, &order);
         remember(state, &mut txn, IdemNamespace::Shipment, key, command.fingerprint, response);
         state.fulfilment.insert(id.0, fo.clone());
-        state.orders.insert(order.id.0, order.clone());
+        state.put_order(order.clone());
         let ack = txn.commit();
         metrics::counter!("allot_shipments_total").increment(1);
         Ok(Committed { value: Outcome::Done((fo, order)), ack: Some(ack) })
@@ -239,7 +239,7 @@ impl OrderBook {
             let response = encode(&fo, &order);
             remember(state, &mut txn, IdemNamespace::Shortage, key, command.fingerprint, response);
         }
-        state.orders.insert(order.id.0, order.clone());
+        state.put_order(order.clone());
         let ack = txn.commit();
         Ok(Committed { value: Outcome::Done((fo, order)), ack: Some(ack) })
     }
@@ -283,7 +283,7 @@ impl OrderBook {
         write_fulfilment(&mut txn, &fo);
         finish_order(state, &mut txn, &mut order, before, &actor, false);
         state.fulfilment.insert(id.0, fo.clone());
-        state.orders.insert(order.id.0, order.clone());
+        state.put_order(order.clone());
         let ack = txn.commit();
         Ok(Committed { value: (fo, order), ack: Some(ack) })
     }
@@ -358,7 +358,7 @@ impl OrderBook {
             remember(state, &mut txn, IdemNamespace::ReturnCreate, key, command.fingerprint, encode(&value));
         }
         state.returns.insert(id.0, value.clone());
-        state.orders.insert(order_id.0, order);
+        state.put_order(order);
         let ack = txn.commit();
         Ok(Committed { value: Outcome::Done(value), ack: Some(ack) })
     }
@@ -452,7 +452,7 @@ impl OrderBook {
             remember(state, &mut txn, IdemNamespace::ReturnReceive, key, command.fingerprint, encode(&value));
         }
         state.returns.insert(id.0, value.clone());
-        state.orders.insert(order.id.0, order);
+        state.put_order(order);
         let ack = txn.commit();
         Ok(Committed { value: Outcome::Done(value), ack: Some(ack) })
     }

@@ -101,6 +101,18 @@ pub(crate) struct State {
     pub next_order_id: u64,
     pub next_fulfilment_id: u64,
     pub next_return_id: u64,
+    /// The KPIs, kept up to date by `put_order`.
+    pub kpis: super::stats::Kpis,
+}
+
+impl State {
+    /// Stores `order` and updates its KPI contribution. Every order write goes through here,
+    /// after the fulfilment orders it changed are stored.
+    pub(crate) fn put_order(&mut self, order: Order) {
+        let parcels = super::stats::parcel_count(self, &order);
+        self.kpis.update(&order, parcels);
+        self.orders.insert(order.id.0, order);
+    }
 }
 
 pub struct OrderBook {
@@ -139,6 +151,10 @@ impl OrderBook {
         for value in recovered.returns {
             state.next_return_id = state.next_return_id.max(value.id.0 + 1);
             state.returns.insert(value.id.0, value);
+        }
+        let orders: Vec<Order> = state.orders.values().cloned().collect();
+        for order in orders {
+            state.put_order(order);
         }
         for (namespace, key, record) in recovered.idempotency {
             state.idempotency.insert(
@@ -311,7 +327,7 @@ impl OrderBook {
         }
         finish_order(state, &mut txn, &mut order, before, SYSTEM, false);
         let value = order.clone();
-        state.orders.insert(order.id.0, order);
+        state.put_order(order);
         let ack = txn.commit();
         drop(guard);
         metrics::counter!("allot_orders_captured_total").increment(1);
@@ -389,7 +405,7 @@ impl OrderBook {
         route_order(state, &mut txn, &mut order, crate::index::OPERATOR_ACTOR, self.rules.max_shipments);
         finish_order(state, &mut txn, &mut order, before, crate::index::OPERATOR_ACTOR, false);
         let value = order.clone();
-        state.orders.insert(id.0, order);
+        state.put_order(order);
         let ack = txn.commit();
         Ok(Committed { value, ack: Some(ack) })
     }
@@ -462,7 +478,7 @@ impl OrderBook {
         });
         finish_order(state, &mut txn, &mut order, before, actor, true);
         let value = order.clone();
-        state.orders.insert(id.0, order);
+        state.put_order(order);
         let ack = txn.commit();
         Ok(Committed { value, ack: Some(ack) })
     }
@@ -526,7 +542,7 @@ impl OrderBook {
             let before = order.status;
             route_order(state, &mut txn, &mut order, SYSTEM, self.rules.max_shipments);
             finish_order(state, &mut txn, &mut order, before, SYSTEM, false);
-            state.orders.insert(id, order);
+            state.put_order(order);
             drop(txn.commit());
             retried += 1;
         }

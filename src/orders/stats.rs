@@ -1,6 +1,10 @@
-//! Order KPIs, computed from the orders the book holds (definitions in orders.proto).
+//! Order KPIs (definitions in orders.proto). Kept incrementally: every order write replaces
+//! that order's contribution to its channel's aggregate, so GetStats and the gauges never scan
+//! the orders (a scan under the book's lock would stall every capture behind it).
 
-use super::book::OrderBook;
+use std::collections::{BTreeMap, HashMap};
+
+use super::book::{OrderBook, State};
 use crate::domain::{Channel, Order, OrderStatus};
 
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -17,89 +21,161 @@ pub struct Stats {
     pub orders_total: i64,
 }
 
+/// What one order adds to its channel's aggregate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Contribution {
+    status: usize,
+    filled: i64,
+    wanted: i64,
+    returned: i64,
+    shipped: i64,
+    routed: i64,
+    split: i64,
+    backordered: i64,
+    delivered: i64,
+    perfect: i64,
+    cycle_ms: Option<u64>,
+}
+
+impl Contribution {
+    /// `parcels`: parcels over the order's fulfilment orders.
+    pub(crate) fn of(order: &Order, parcels: usize) -> Self {
+        let routed = !order.fulfilment_order_ids.is_empty() || order.ever_backordered || order.ever_exception;
+        let delivered = order.status == OrderStatus::Delivered;
+        let perfect = delivered
+            && order.fulfilment_order_ids.len() == 1
+            && parcels == 1
+            && !order.ever_backordered
+            && !order.ever_short
+            && !order.ever_exception
+            && order.return_ids.is_empty()
+            && order.lines.iter().all(|line| line.cancelled == 0 && line.returned == 0);
+        let cycle_ms = match (order.status, order.shipped_at_ms) {
+            (OrderStatus::Shipped | OrderStatus::Delivered, Some(at)) => {
+                Some(at.saturating_sub(order.created_at_ms))
+            }
+            _ => None,
+        };
+        Self {
+            status: OrderStatus::ALL
+                .iter()
+                .position(|status| *status == order.status)
+                .expect("every status listed"),
+            filled: order.lines.iter().map(|line| line.shipped + line.allocated).sum(),
+            wanted: order.lines.iter().map(|line| line.qty - line.cancelled).sum(),
+            returned: order.lines.iter().map(|line| line.returned).sum(),
+            shipped: order.lines.iter().map(|line| line.shipped).sum(),
+            routed: i64::from(routed),
+            split: i64::from(routed && order.fulfilment_order_ids.len() > 1),
+            backordered: i64::from(routed && order.ever_backordered),
+            delivered: i64::from(delivered),
+            perfect: i64::from(perfect),
+            cycle_ms,
+        }
+    }
+}
+
+/// The sums of one channel's contributions.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Aggregate {
+    by_status: [i64; OrderStatus::ALL.len()],
+    filled: i64,
+    wanted: i64,
+    returned: i64,
+    shipped: i64,
+    routed: i64,
+    split: i64,
+    backordered: i64,
+    delivered: i64,
+    perfect: i64,
+    /// Cycle times (ms) of shipped and delivered orders, with their counts.
+    cycle_ms: BTreeMap<u64, i64>,
+    cycle_count: i64,
+}
+
+impl Aggregate {
+    pub(crate) fn apply(&mut self, contribution: &Contribution, sign: i64) {
+        self.by_status[contribution.status] += sign;
+        self.filled += sign * contribution.filled;
+        self.wanted += sign * contribution.wanted;
+        self.returned += sign * contribution.returned;
+        self.shipped += sign * contribution.shipped;
+        self.routed += sign * contribution.routed;
+        self.split += sign * contribution.split;
+        self.backordered += sign * contribution.backordered;
+        self.delivered += sign * contribution.delivered;
+        self.perfect += sign * contribution.perfect;
+        if let Some(ms) = contribution.cycle_ms {
+            let count = self.cycle_ms.entry(ms).or_default();
+            *count += sign;
+            if *count == 0 {
+                self.cycle_ms.remove(&ms);
+            }
+            self.cycle_count += sign;
+        }
+    }
+
+    fn merge(&mut self, other: &Aggregate) {
+        for (mine, theirs) in self.by_status.iter_mut().zip(other.by_status) {
+            *mine += theirs;
+        }
+        self.filled += other.filled;
+        self.wanted += other.wanted;
+        self.returned += other.returned;
+        self.shipped += other.shipped;
+        self.routed += other.routed;
+        self.split += other.split;
+        self.backordered += other.backordered;
+        self.delivered += other.delivered;
+        self.perfect += other.perfect;
+        for (ms, count) in &other.cycle_ms {
+            *self.cycle_ms.entry(*ms).or_default() += count;
+        }
+        self.cycle_count += other.cycle_count;
+    }
+
+    /// The nearest-rank percentile of the cycle times, in seconds; 0 for none.
+    fn cycle_percentile(&self, fraction: f64) -> f64 {
+        if self.cycle_count == 0 {
+            return 0.0;
+        }
+        let rank = ((fraction * self.cycle_count as f64).ceil() as i64).clamp(1, self.cycle_count);
+        let mut seen = 0;
+        for (ms, count) in &self.cycle_ms {
+            seen += count;
+            if seen >= rank {
+                return *ms as f64 / 1_000.0;
+            }
+        }
+        unreachable!("the counts add up to cycle_count")
+    }
+
+    fn stats(&self) -> Stats {
+        Stats {
+            by_status: OrderStatus::ALL
+                .iter()
+                .zip(self.by_status)
+                .filter(|(_, count)| *count > 0)
+                .map(|(status, count)| (*status, count))
+                .collect(),
+            fill_rate: ratio(self.filled, self.wanted),
+            split_rate: ratio(self.split, self.routed),
+            backorder_rate: ratio(self.backordered, self.routed),
+            cycle_time_p50_seconds: self.cycle_percentile(0.50),
+            cycle_time_p95_seconds: self.cycle_percentile(0.95),
+            return_rate: ratio(self.returned, self.shipped),
+            perfect_order_rate: ratio(self.perfect, self.delivered),
+            orders_total: self.by_status.iter().sum(),
+        }
+    }
+}
+
 fn ratio(numerator: i64, denominator: i64) -> f64 {
     if denominator == 0 { 0.0 } else { numerator as f64 / denominator as f64 }
 }
 
-/// The nearest-rank percentile of sorted values; 0 for none.
-fn percentile(sorted: &[u64], fraction: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let rank = ((fraction * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
-    sorted[rank - 1] as f64 / 1_000.0
-}
-
-/// Whether routing was attempted (the order left HELD at least once).
-fn routed(order: &Order) -> bool {
-    !order.fulfilment_order_ids.is_empty() || order.ever_backordered || order.ever_exception
-}
-
-/// Computes the KPIs over `orders`; `parcels` counts the parcels of an order's one
-/// fulfilment order (a perfect order shipped in exactly one).
-pub fn compute<'a>(orders: impl Iterator<Item = &'a Order>, parcels: impl Fn(&Order) -> usize) -> Stats {
-    let mut by_status = [0i64; OrderStatus::ALL.len()];
-    let (mut filled, mut wanted) = (0i64, 0i64);
-    let (mut routed_orders, mut split, mut backordered) = (0i64, 0i64, 0i64);
-    let (mut returned, mut shipped) = (0i64, 0i64);
-    let (mut delivered_orders, mut perfect) = (0i64, 0i64);
-    let mut cycle_ms = Vec::new();
-    let mut total = 0;
-    for order in orders {
-        total += 1;
-        by_status[OrderStatus::ALL
-            .iter()
-            .position(|status| *status == order.status)
-            .expect("every status listed")] += 1;
-        for line in &order.lines {
-            filled += line.shipped + line.allocated;
-            wanted += line.qty - line.cancelled;
-            returned += line.returned;
-            shipped += line.shipped;
-        }
-        if routed(order) {
-            routed_orders += 1;
-            split += i64::from(order.fulfilment_order_ids.len() > 1);
-            backordered += i64::from(order.ever_backordered);
-        }
-        if matches!(order.status, OrderStatus::Shipped | OrderStatus::Delivered)
-            && let Some(shipped_at_ms) = order.shipped_at_ms
-        {
-            cycle_ms.push(shipped_at_ms.saturating_sub(order.created_at_ms));
-        }
-        if order.status == OrderStatus::Delivered {
-            delivered_orders += 1;
-            let clean = order.fulfilment_order_ids.len() == 1
-                && parcels(order) == 1
-                && !order.ever_backordered
-                && !order.ever_short
-                && !order.ever_exception
-                && order.return_ids.is_empty()
-                && order.lines.iter().all(|line| line.cancelled == 0 && line.returned == 0);
-            perfect += i64::from(clean);
-        }
-    }
-    cycle_ms.sort_unstable();
-    Stats {
-        by_status: OrderStatus::ALL
-            .iter()
-            .zip(by_status)
-            .filter(|(_, count)| *count > 0)
-            .map(|(status, count)| (*status, count))
-            .collect(),
-        fill_rate: ratio(filled, wanted),
-        split_rate: ratio(split, routed_orders),
-        backorder_rate: ratio(backordered, routed_orders),
-        cycle_time_p50_seconds: percentile(&cycle_ms, 0.50),
-        cycle_time_p95_seconds: percentile(&cycle_ms, 0.95),
-        return_rate: ratio(returned, shipped),
-        perfect_order_rate: ratio(perfect, delivered_orders),
-        orders_total: total,
-    }
-}
-
 /// Parcels over every fulfilment order of `order`.
-fn parcel_count(state: &super::book::State, order: &Order) -> usize {
+pub(crate) fn parcel_count(state: &State, order: &Order) -> usize {
     order
         .fulfilment_order_ids
         .iter()
@@ -108,45 +184,125 @@ fn parcel_count(state: &super::book::State, order: &Order) -> usize {
         .sum()
 }
 
+/// Per channel, the aggregate and each order's last contribution.
+#[derive(Debug, Default)]
+pub(crate) struct Kpis {
+    by_channel: HashMap<Channel, Aggregate>,
+    contributions: HashMap<u64, Contribution>,
+}
+
+impl Kpis {
+    /// Replaces `order`'s contribution (call after every change of the order or of its
+    /// fulfilment orders' parcels).
+    pub(crate) fn update(&mut self, order: &Order, parcels: usize) {
+        let contribution = Contribution::of(order, parcels);
+        let aggregate = self.by_channel.entry(order.channel.clone()).or_default();
+        if let Some(before) = self.contributions.get(&order.id.0) {
+            if *before == contribution {
+                return;
+            }
+            aggregate.apply(before, -1);
+        }
+        aggregate.apply(&contribution, 1);
+        self.contributions.insert(order.id.0, contribution);
+    }
+
+    fn stats(&self, channel: Option<&Channel>) -> Stats {
+        match channel {
+            Some(channel) => self.by_channel.get(channel).map(Aggregate::stats).unwrap_or_default(),
+            None => {
+                let mut total = Aggregate::default();
+                for aggregate in self.by_channel.values() {
+                    total.merge(aggregate);
+                }
+                total.stats()
+            }
+        }
+    }
+}
+
 impl OrderBook {
     /// KPIs over every order, or one channel's.
     pub fn stats(&self, channel: Option<&Channel>) -> Stats {
-        let state = self.lock();
-        let parcels = |order: &Order| parcel_count(&state, order);
-        compute(
-            state.orders.values().filter(|order| channel.is_none_or(|channel| order.channel == *channel)),
-            parcels,
-        )
+        self.lock().kpis.stats(channel)
     }
 
-    /// KPIs per channel (for the metrics gauges): (channel, stats).
+    /// KPIs per channel (for the metrics gauges): (channel, stats), sorted by channel.
     pub fn stats_by_channel(&self) -> Vec<(Channel, Stats)> {
         let state = self.lock();
-        let mut channels: Vec<Channel> = state.orders.values().map(|order| order.channel.clone()).collect();
-        channels.sort();
-        channels.dedup();
-        channels
-            .into_iter()
-            .map(|channel| {
-                let parcels = |order: &Order| parcel_count(&state, order);
-                let stats = compute(state.orders.values().filter(|order| order.channel == channel), parcels);
-                (channel, stats)
-            })
-            .collect()
+        let mut stats: Vec<(Channel, Stats)> = state
+            .kpis
+            .by_channel
+            .iter()
+            .map(|(channel, aggregate)| (channel.clone(), aggregate.stats()))
+            .collect();
+        drop(state);
+        stats.sort_by(|a, b| a.0.cmp(&b.0));
+        stats
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::percentile;
+    use super::*;
+
+    fn aggregate_of(cycle_seconds: &[u64]) -> Aggregate {
+        let mut aggregate = Aggregate::default();
+        for seconds in cycle_seconds {
+            let contribution = Contribution {
+                status: 5,
+                filled: 0,
+                wanted: 0,
+                returned: 0,
+                shipped: 0,
+                routed: 0,
+                split: 0,
+                backordered: 0,
+                delivered: 0,
+                perfect: 0,
+                cycle_ms: Some(seconds * 1_000),
+            };
+            aggregate.apply(&contribution, 1);
+        }
+        aggregate
+    }
 
     #[test]
     fn nearest_rank_percentiles() {
-        // Goal: p50/p95 by nearest rank, in seconds. Method: hand-computed examples.
-        assert_eq!(percentile(&[], 0.5), 0.0);
-        assert_eq!(percentile(&[1_000], 0.95), 1.0);
-        let values: Vec<u64> = (1..=20).map(|second| second * 1_000).collect();
-        assert_eq!(percentile(&values, 0.5), 10.0);
-        assert_eq!(percentile(&values, 0.95), 19.0);
+        // Goal: p50/p95 by nearest rank, in seconds, from the counted cycle times. Method:
+        // hand-computed examples, with a repeated value.
+        assert_eq!(aggregate_of(&[]).cycle_percentile(0.5), 0.0);
+        assert_eq!(aggregate_of(&[1]).cycle_percentile(0.95), 1.0);
+        let values: Vec<u64> = (1..=20).collect();
+        assert_eq!(aggregate_of(&values).cycle_percentile(0.5), 10.0);
+        assert_eq!(aggregate_of(&values).cycle_percentile(0.95), 19.0);
+        assert_eq!(aggregate_of(&[3, 3, 3, 9]).cycle_percentile(0.5), 3.0);
+        assert_eq!(aggregate_of(&[3, 3, 3, 9]).cycle_percentile(0.95), 9.0);
+    }
+
+    #[test]
+    fn replacing_a_contribution_leaves_no_trace() {
+        // Goal: adding then removing contributions returns the aggregate to empty (no stale
+        // cycle-time entries). Method: add two, remove both.
+        let mut aggregate = aggregate_of(&[4, 7]);
+        for seconds in [4, 7] {
+            let contribution = Contribution {
+                status: 5,
+                filled: 0,
+                wanted: 0,
+                returned: 0,
+                shipped: 0,
+                routed: 0,
+                split: 0,
+                backordered: 0,
+                delivered: 0,
+                perfect: 0,
+                cycle_ms: Some(seconds * 1_000),
+            };
+            aggregate.apply(&contribution, -1);
+        }
+        assert!(aggregate.cycle_ms.is_empty());
+        assert_eq!(aggregate.cycle_count, 0);
+        assert_eq!(aggregate.by_status.iter().sum::<i64>(), 0);
     }
 }
