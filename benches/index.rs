@@ -29,6 +29,7 @@ fn setup(dir: &std::path::Path) -> (Arc<Index>, std::thread::JoinHandle<()>) {
             queue_len_max: 65_536,
             batch_len_max: 4096,
             change_retention: 1_000_000,
+            event_retention: 1_000_000,
         },
         Box::new(move |changes, _events| feed.publish(changes)),
     );

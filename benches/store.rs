@@ -53,6 +53,7 @@ fn bench_group_commit(criterion: &mut Criterion) {
             queue_len_max: 65_536,
             batch_len_max: 65_536,
             change_retention: 1_000,
+            event_retention: 1_000_000,
         },
         Box::new(move |changes, _events| feed.publish(changes)),
     );

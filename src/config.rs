@@ -42,6 +42,8 @@ pub struct StoreConfig {
     pub commit_batch_len_max: usize,
     /// Availability changes kept for `from_sequence` resumes.
     pub change_retention: u64,
+    /// Events (the audit trail and WatchEvents feed) kept on disk; older ones are trimmed.
+    pub event_retention: u64,
     /// RocksDB memtable size per column family.
     pub write_buffer_bytes: usize,
 }
@@ -101,6 +103,7 @@ impl Default for StoreConfig {
             commit_queue_len_max: 65_536,
             commit_batch_len_max: 8_192,
             change_retention: 1_000_000,
+            event_retention: 50_000_000,
             write_buffer_bytes: 64 * 1024 * 1024,
         }
     }
@@ -181,6 +184,9 @@ impl Config {
         }
         if self.store.change_retention == 0 {
             problems.push("store.change_retention must be at least 1".into());
+        }
+        if self.store.event_retention < 1_000 {
+            problems.push("store.event_retention must be at least 1000".into());
         }
         // Expired units must be back in ATP within a second (API.md).
         if self.server.expiry_sweep_interval_ms == 0 || self.server.expiry_sweep_interval_ms > 500 {

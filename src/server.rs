@@ -87,6 +87,7 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Running, Sta
             queue_len_max: config.store.commit_queue_len_max,
             batch_len_max: config.store.commit_batch_len_max,
             change_retention: config.store.change_retention,
+            event_retention: config.store.event_retention,
         },
         Box::new(move |changes, events| {
             if !changes.is_empty() {

@@ -2023,3 +2023,46 @@ async fn kill9_during_shipments_counts_every_unit_once() {
     );
     daemon.kill9();
 }
+
+// ----- 12. event retention ------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn event_log_is_trimmed_to_its_retention_and_resumes_from_what_is_kept() {
+    // Goal: the event log is bounded by store.event_retention; a watch from 0/1 starts at the
+    // oldest kept event, one from a trimmed sequence is OUT_OF_RANGE, and both hold across a
+    // restart. Method: retention 1,000, three SetStock batches of 1,000 entries (one stock.set
+    // event each), then watches from several sequences before and after a restart.
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = common::test_config(dir.path());
+    config.store.event_retention = 1_000;
+    let running = allot::server::start(config.clone(), Arc::new(SystemClock)).await.unwrap();
+    let mut api = Clients::connect(running.grpc_address).await;
+    api.upsert_nodes(vec![node_at(NEAR, 0.0)]).await;
+    for batch in 0..3 {
+        let skus: Vec<String> = (0..1_000).map(|index| format!("ret-{batch}-{index:04}")).collect();
+        let entries: Vec<(&str, &str, i64)> = skus.iter().map(|sku| (sku.as_str(), NEAR, 1)).collect();
+        api.set_stock(&entries).await;
+    }
+    // 3,000 events; trimming in steps of an eighth of the retention keeps 1,000 to 1,125.
+    check_retained(&mut api, "before the restart").await;
+    drop(api);
+    running.shutdown().await;
+    let running = allot::server::start(config, Arc::new(SystemClock)).await.unwrap();
+    let mut api = Clients::connect(running.grpc_address).await;
+    check_retained(&mut api, "after the restart").await;
+    drop(api);
+    running.shutdown().await;
+}
+
+/// The log of `event_log_is_trimmed_...`: events 2,001..=3,000 kept, older ones gone.
+async fn check_retained(api: &mut Clients, when: &str) {
+    let mut stream = api.watch(0, &[]).await;
+    let events = read_until(&mut stream, |event| event.sequence >= 3_000).await;
+    assert_gap_free(&events, 2_001, &format!("{when}: the kept log from 0"));
+    let mut from_one = api.watch(1, &[]).await;
+    assert_eq!(next_event(&mut from_one).await.sequence, 2_001, "{when}: from 1 = from the oldest kept");
+    let mut later = api.watch(2_500, &[]).await;
+    assert_eq!(next_event(&mut later).await.sequence, 2_500, "{when}: a kept sequence resumes exactly");
+    let trimmed = v1::WatchEventsRequest { from_sequence: 1_500, types: Vec::new() };
+    expect_watch_refused(api, trimmed, Code::OutOfRange, &format!("{when}: a trimmed sequence")).await;
+}

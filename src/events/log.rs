@@ -58,7 +58,7 @@ impl Drop for WatcherGuard<'_> {
 }
 
 /// Starts a WatchEvents stream: every event with sequence >= `from_sequence` (0 and 1 = the
-/// oldest) whose type is in `types` (empty = all), then live events.
+/// oldest retained; a later start older than that is OUT_OF_RANGE) whose type is in `types` (empty = all), then live events.
 pub fn watch_events(
     store: Arc<Store>,
     wal: WalHandle,
@@ -67,6 +67,11 @@ pub fn watch_events(
     types: Vec<String>,
     out_len_max: usize,
 ) -> Result<mpsc::Receiver<Result<AuditEvent, WatchError>>, WatchError> {
+    // 0 and 1 mean "from the oldest retained event"; a later start before it is gone.
+    let oldest = store.first_event_sequence();
+    if from_sequence > 1 && from_sequence < oldest {
+        return Err(WatchError::TooOld { requested: from_sequence, oldest });
+    }
     let before = feed.watchers.fetch_add(1, Ordering::Relaxed);
     if before >= feed.watchers_max {
         feed.watchers.fetch_sub(1, Ordering::Relaxed);
@@ -80,7 +85,7 @@ pub fn watch_events(
     let wanted = move |event: &AuditEvent| types.is_empty() || types.contains(&event.event_type);
     tokio::spawn(async move {
         let _guard = WatcherGuard(&feed.watchers);
-        let mut next = from_sequence.max(1);
+        let mut next = from_sequence.max(oldest);
         // Replay what is durable; stop at the durable end seen when the page was read.
         loop {
             let end = wal.last_event_sequence();

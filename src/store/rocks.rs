@@ -41,6 +41,8 @@ pub struct Store {
     db: DB,
     /// Oldest availability change still on disk.
     first_sequence: AtomicU64,
+    /// Oldest event still on disk.
+    first_event_sequence: AtomicU64,
     recovered_last_sequence: u64,
     recovered_last_audit_sequence: u64,
 }
@@ -90,6 +92,7 @@ impl Store {
         let mut store = Store {
             db,
             first_sequence: AtomicU64::new(1),
+            first_event_sequence: AtomicU64::new(1),
             recovered_last_sequence: 0,
             recovered_last_audit_sequence: 0,
         };
@@ -179,6 +182,15 @@ impl Store {
 
     pub(super) fn set_first_sequence(&self, sequence: u64) {
         self.first_sequence.store(sequence, Ordering::Release);
+    }
+
+    /// The oldest event a WatchEvents replay can start from.
+    pub fn first_event_sequence(&self) -> u64 {
+        self.first_event_sequence.load(Ordering::Acquire)
+    }
+
+    pub(super) fn set_first_event_sequence(&self, sequence: u64) {
+        self.first_event_sequence.store(sequence, Ordering::Release);
     }
 
     /// Availability changes with sequence >= `from`, at most `limit` (a resume reads in pages).
@@ -279,6 +291,18 @@ impl Store {
         };
         let last_sequence = self.counter(keys::META_LAST_SEQUENCE)?.unwrap_or(0);
         self.recovered_last_audit_sequence = self.counter(keys::META_LAST_AUDIT_SEQUENCE)?.unwrap_or(0);
+        let mut events =
+            self.db.iterator_cf(self.cf(Cf::Events), IteratorMode::From(&keys::audit(0), Direction::Forward));
+        let first_event = match events.next() {
+            Some(item) => keys::audit_sequence(&item?.0),
+            None => None,
+        };
+        self.first_event_sequence.store(
+            first_event
+                .unwrap_or(self.recovered_last_audit_sequence + 1)
+                .min(self.recovered_last_audit_sequence + 1),
+            Ordering::Release,
+        );
         self.first_sequence.store(first_sequence.min(last_sequence + 1), Ordering::Release);
         self.recovered_last_sequence = last_sequence;
         recovered.last_sequence = last_sequence;

@@ -40,6 +40,8 @@ pub struct WalOptions {
     pub batch_len_max: usize,
     /// Availability changes kept on disk for `from_sequence` resumes.
     pub change_retention: u64,
+    /// Events kept on disk for WatchEvents and order histories.
+    pub event_retention: u64,
 }
 
 pub enum Op {
@@ -204,6 +206,7 @@ fn commit_loop(
     let mut sequence = last_sequence.load(Ordering::Acquire);
     let mut audit_sequence = store.recovered_last_audit_sequence();
     let mut trimmed_below = store.recovered_first_sequence();
+    let mut events_trimmed_below = store.first_event_sequence();
     let mut reservation_id_high = 0u64;
     let mut reservation_id_written = 0u64;
     let mut batch: Vec<Mutation> = Vec::with_capacity(options.batch_len_max);
@@ -255,6 +258,18 @@ fn commit_loop(
             if audit_sequence != audit_before {
                 let value = records::encode(Kind::Counter, &CounterRecord { value: audit_sequence });
                 write_batch.put_cf(store.cf(Cf::Meta), keys::META_LAST_AUDIT_SEQUENCE, value);
+                // Bounded history, trimmed in steps like the changes. An order's history keys
+                // of trimmed events stay behind and are skipped when read.
+                let keep_from = audit_sequence.saturating_sub(options.event_retention) + 1;
+                if keep_from > events_trimmed_below + options.event_retention / 8 + 1 {
+                    write_batch.delete_range_cf(
+                        store.cf(Cf::Events),
+                        keys::audit(events_trimmed_below),
+                        keys::audit(keep_from),
+                    );
+                    events_trimmed_below = keep_from;
+                    store.set_first_event_sequence(keep_from);
+                }
             }
             if let Some(high) = mutation.reservation_id_high {
                 reservation_id_high = reservation_id_high.max(high);

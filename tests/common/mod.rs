@@ -37,6 +37,7 @@ impl Engine {
                 queue_len_max: 4096,
                 batch_len_max: 512,
                 change_retention: 100_000,
+                event_retention: 1_000_000,
             },
             Box::new(move |changes, _events| feed.publish(changes)),
         );
