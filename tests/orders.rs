@@ -2066,3 +2066,71 @@ async fn check_retained(api: &mut Clients, when: &str) {
     let trimmed = v1::WatchEventsRequest { from_sequence: 1_500, types: Vec::new() };
     expect_watch_refused(api, trimmed, Code::OutOfRange, &format!("{when}: a trimmed sequence")).await;
 }
+
+// ----- 13. closed-order retention -----------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closed_orders_are_forgotten_after_their_retention() {
+    // Goal: DELIVERED, SHIPPED and CANCELLED orders untouched for closed_order_retention_ms
+    // leave memory and disk with their fulfilment orders (bounded memory), open orders stay,
+    // the KPIs follow, and a restart does not bring them back. Method: a ManualClock, one
+    // order in each state, the clock moved past the retention, the 50 ms purge awaited.
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(NOON_MS));
+    let mut config = common::test_config(dir.path());
+    config.orders.closed_order_retention_ms = DAY_MS;
+    config.server.purge_interval_ms = 50;
+    let running = allot::server::start(config.clone(), clock.clone()).await.unwrap();
+    let mut api = Clients::connect(running.grpc_address).await;
+    api.upsert_nodes(vec![node_at(NEAR, 0.0)]).await;
+    api.set_stock(&[("keep-a", NEAR, 10)]).await;
+    // The open order first, so the highest id belongs to a forgotten one.
+    let open = api.capture(order_request("ret-open", &[("keep-a", 2)])).await;
+    let delivered = api.capture(order_request("ret-delivered", &[("keep-a", 1)])).await;
+    let fo = delivered.fulfilment_order_ids[0].clone();
+    api.ship_all(&fo, "ret-ship-1").await;
+    api.deliver(&fo).await;
+    let shipped = api.capture(order_request("ret-shipped", &[("keep-a", 1)])).await;
+    api.ship_all(&shipped.fulfilment_order_ids[0], "ret-ship-2").await;
+    let cancelled = api.capture(order_request("ret-cancelled", &[("keep-a", 1)])).await;
+    api.cancel(&cancelled.order_id, "customer changed their mind").await;
+    assert_eq!(api.stats("").await.orders_total, 4);
+    // Half the retention: nothing goes.
+    clock.advance_ms(DAY_MS / 2);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(api.stats("").await.orders_total, 4, "nothing is forgotten before its retention");
+    clock.advance_ms(DAY_MS / 2 + 1_000);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while api.stats("").await.orders_total != 1 {
+        assert!(std::time::Instant::now() < deadline, "closed orders were not purged");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for gone in [&delivered, &shipped, &cancelled] {
+        let request = v1::GetOrderRequest { order_id: gone.order_id.clone() };
+        expect_code(api.orders.get_order(request).await, Code::NotFound, "a forgotten order");
+    }
+    assert_eq!(api.order(&open.order_id).await.status, v1::order::Status::Allocated as i32);
+    let at_node = api.fulfilment_orders_at(NEAR).await;
+    assert_eq!(at_node.len(), 1, "only the open order's fulfilment order is listed: {at_node:?}");
+    assert_eq!(at_node[0].order_id, open.order_id);
+    let stats = api.stats("").await;
+    assert_eq!(stats.fill_rate, 1.0, "the open order is allocated in full");
+    // A restart reads what is on disk: the forgotten orders stay gone.
+    drop(api);
+    running.shutdown().await;
+    let running = allot::server::start(config, clock.clone()).await.unwrap();
+    let mut api = Clients::connect(running.grpc_address).await;
+    assert_eq!(api.stats("").await.orders_total, 1, "after the restart");
+    let request = v1::GetOrderRequest { order_id: delivered.order_id.clone() };
+    expect_code(api.orders.get_order(request).await, Code::NotFound, "a forgotten order after the restart");
+    assert_eq!(api.order(&open.order_id).await.order_id, open.order_id);
+    // A new order gets a new id, never a forgotten one's (ids are high-water marks on disk).
+    let next = api.capture(order_request("ret-next", &[("keep-a", 1)])).await;
+    assert_eq!(next.order_id, "ord-5", "after ord-4 was forgotten");
+    let next_fo = &next.fulfilment_order_ids[0];
+    for gone in [&delivered, &shipped, &cancelled] {
+        assert!(!gone.fulfilment_order_ids.contains(next_fo), "{next_fo} reused");
+    }
+    drop(api);
+    running.shutdown().await;
+}

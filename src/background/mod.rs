@@ -53,6 +53,13 @@ pub fn spawn(
             if let Err(error) = core.orders.purge_idempotency(cutoff_ms, PURGE_BATCH_LEN_MAX) {
                 tracing::warn!(%error, "order idempotency purge skipped");
             }
+            let retention_ms = core.orders.rules().closed_order_retention_ms;
+            if retention_ms > 0 {
+                let cutoff_ms = core.index.clock().now_ms().saturating_sub(retention_ms);
+                if let Err(error) = core.orders.purge_closed_orders(cutoff_ms, PURGE_BATCH_LEN_MAX) {
+                    tracing::warn!(%error, "closed order purge skipped");
+                }
+            }
         }));
     }
     {

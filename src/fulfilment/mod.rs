@@ -8,11 +8,11 @@ use crate::domain::{
 };
 use crate::index::IndexError;
 use crate::orders::book::{
-    close_if_done, finish_order, not_found_order, remember, replay, route_order, write_fulfilment,
-    write_return,
+    close_if_done, finish_order, not_found_order, remember, replay, route_order, write_counter,
+    write_fulfilment, write_return,
 };
 use crate::orders::{Committed, OrderBook, Outcome};
-use crate::store::keys::IdemNamespace;
+use crate::store::keys::{self, IdemNamespace};
 
 pub use crate::domain::FulfilmentOrder;
 
@@ -120,7 +120,7 @@ impl OrderBook {
         let actor = fo.node_id.to_string();
         let before = order.status;
         for (sku, qty) in &lines {
-            txn.take_from_reservation(fo.reservation_id, sku, *qty, true);
+            let (stock_before, stock_after) = txn.take_from_reservation(fo.reservation_id, sku, *qty, true);
             fo.line_mut(sku).expect("checked above").shipped += qty;
             order.move_units(sku, Bucket::Allocated, Bucket::Shipped, *qty);
             txn.event(AuditEvent {
@@ -130,7 +130,10 @@ impl OrderBook {
                 fulfilment_order_id: id.to_string(),
                 reservation_id: Some(fo.reservation_id.0),
                 qty: *qty,
-                detail: "on_hand and reserved drop together".into(),
+                detail: format!(
+                    "on_hand {} -> {}, reserved {} -> {}",
+                    stock_before.on_hand, stock_after.on_hand, stock_before.reserved, stock_after.reserved
+                ),
                 ..AuditEvent::new("stock.shipped", now_ms, &actor)
             });
         }
@@ -208,7 +211,7 @@ impl OrderBook {
         let missing = command.missing_qty;
         // The missing units leave the shelf and the hold together, like a shipment that
         // never happened: on_hand and reserved both drop.
-        txn.take_from_reservation(fo.reservation_id, sku, missing, true);
+        let (stock_before, stock_after) = txn.take_from_reservation(fo.reservation_id, sku, missing, true);
         fo.line_mut(sku).expect("checked above").short += missing;
         fo.updated_at_ms = now_ms;
         order.move_units(sku, Bucket::Allocated, Bucket::Unrouted, missing);
@@ -219,7 +222,10 @@ impl OrderBook {
             node_id: fo.node_id.to_string(),
             fulfilment_order_id: id.to_string(),
             qty: missing,
-            detail: "on_hand corrected down by the missing units".into(),
+            detail: format!(
+                "on_hand {} -> {}, reserved {} -> {}",
+                stock_before.on_hand, stock_after.on_hand, stock_before.reserved, stock_after.reserved
+            ),
             ..AuditEvent::new("stock.shortage", now_ms, &actor)
         });
         txn.event(AuditEvent {
@@ -330,6 +336,7 @@ impl OrderBook {
         let before = order.status;
         let id = ReturnId(state.next_return_id);
         state.next_return_id += 1;
+        write_counter(&mut txn, keys::META_NEXT_RETURN_ID, state.next_return_id);
         let mut lines: Vec<ReturnLine> = command
             .lines
             .iter()

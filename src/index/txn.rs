@@ -161,8 +161,15 @@ impl Txn<'_> {
     }
 
     /// Takes `qty` units of `sku` out of reservation `id`: shipped (`on_hand` and `reserved`
-    /// drop together) or released (`reserved` drops, the units are back in ATP).
-    pub fn take_from_reservation(&mut self, id: ReservationId, sku: &Sku, qty: i64, shipped: bool) {
+    /// drop together) or released (`reserved` drops, the units are back in ATP). Returns the
+    /// position before and after.
+    pub fn take_from_reservation(
+        &mut self,
+        id: ReservationId,
+        sku: &Sku,
+        qty: i64,
+        shipped: bool,
+    ) -> (Position, Position) {
         assert!(qty > 0);
         self.dirty = true;
         let mut reservation =
@@ -199,6 +206,7 @@ impl Txn<'_> {
             Some(before),
             position,
         );
+        (before, position)
     }
 
     /// Closes a reservation whose units are all taken: FULFILLED when some shipped, RELEASED

@@ -22,7 +22,7 @@ use crate::index::{Index, IndexError, Txn};
 use crate::routing::{Destination, RouteOptions, RouteRequest};
 use crate::store::keys::{self, IdemNamespace};
 use crate::store::order_records::{FulfilmentRecord, OrderRecord, ReturnRecord};
-use crate::store::records::{self, IdempotencyRecord, Kind};
+use crate::store::records::{self, CounterRecord, IdempotencyRecord, Kind};
 use crate::store::{Cf, RecoveredOrders};
 
 /// The actor of the daemon's own work.
@@ -71,7 +71,6 @@ pub struct CaptureCommand {
 #[derive(Debug, Clone)]
 pub(crate) struct IdemEntry {
     pub fingerprint: u64,
-    pub created_at_ms: u64,
     /// The encoded response (a replay answers with it).
     pub response: Arc<[u8]>,
 }
@@ -103,6 +102,11 @@ pub(crate) struct State {
     pub next_return_id: u64,
     /// The KPIs, kept up to date by `put_order`.
     pub kpis: super::stats::Kpis,
+    /// Closed orders (SHIPPED, DELIVERED, CANCELLED) by last change: the retention purge
+    /// takes from the front instead of scanning every order.
+    pub closed: BTreeSet<(u64, u64)>,
+    /// Idempotency keys by creation time, oldest first (the key purge's queue).
+    pub idempotency_by_age: VecDeque<(u64, IdemNamespace, String)>,
 }
 
 impl State {
@@ -111,6 +115,14 @@ impl State {
     pub(crate) fn put_order(&mut self, order: Order) {
         let parcels = super::stats::parcel_count(self, &order);
         self.kpis.update(&order, parcels);
+        if let Some(before) = self.orders.get(&order.id.0)
+            && is_closed(before.status)
+        {
+            self.closed.remove(&(before.updated_at_ms, before.id.0));
+        }
+        if is_closed(order.status) {
+            self.closed.insert((order.updated_at_ms, order.id.0));
+        }
         self.orders.insert(order.id.0, order);
     }
 }
@@ -124,8 +136,12 @@ pub struct OrderBook {
 impl OrderBook {
     /// Builds the book from what the store recovered.
     pub fn new(index: Arc<Index>, rules: OrderRules, recovered: RecoveredOrders) -> Self {
-        let mut state =
-            State { next_order_id: 1, next_fulfilment_id: 1, next_return_id: 1, ..State::default() };
+        let mut state = State {
+            next_order_id: recovered.next_order_id.max(1),
+            next_fulfilment_id: recovered.next_fulfilment_id.max(1),
+            next_return_id: recovered.next_return_id.max(1),
+            ..State::default()
+        };
         for order in recovered.orders {
             state.next_order_id = state.next_order_id.max(order.id.0 + 1);
             state.by_external.insert((order.channel.clone(), order.external_order_id.clone()), order.id.0);
@@ -156,14 +172,17 @@ impl OrderBook {
         for order in orders {
             state.put_order(order);
         }
+        let mut by_age: Vec<(u64, IdemNamespace, String)> = recovered
+            .idempotency
+            .iter()
+            .map(|(namespace, key, record)| (record.created_at_ms, *namespace, key.clone()))
+            .collect();
+        by_age.sort_by_key(|(created_at_ms, _, _)| *created_at_ms);
+        state.idempotency_by_age = by_age.into();
         for (namespace, key, record) in recovered.idempotency {
             state.idempotency.insert(
                 (namespace, key),
-                IdemEntry {
-                    fingerprint: record.fingerprint,
-                    created_at_ms: record.created_at_ms,
-                    response: Arc::from(record.response),
-                },
+                IdemEntry { fingerprint: record.fingerprint, response: Arc::from(record.response) },
             );
         }
         Self { index, rules, state: Mutex::new(state) }
@@ -171,6 +190,10 @@ impl OrderBook {
 
     pub fn index(&self) -> &Arc<Index> {
         &self.index
+    }
+
+    pub fn rules(&self) -> &OrderRules {
+        &self.rules
     }
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
@@ -304,6 +327,7 @@ impl OrderBook {
         order.updated_at_ms = now_ms;
         order.hold_reasons = self.hold_reasons(state, &txn, &order, now_ms);
         state.next_order_id += 1;
+        write_counter(&mut txn, keys::META_NEXT_ORDER_ID, state.next_order_id);
         let actor = order.channel.to_string();
         txn.event(AuditEvent {
             order_id: order.id.to_string(),
@@ -440,7 +464,7 @@ impl OrderBook {
                     continue;
                 }
                 let sku = fo.lines[index].sku.clone();
-                txn.take_from_reservation(fo.reservation_id, &sku, remaining, false);
+                let _ = txn.take_from_reservation(fo.reservation_id, &sku, remaining, false);
                 fo.lines[index].cancelled += remaining;
                 order.move_units(&sku, Bucket::Allocated, Bucket::Cancelled, remaining);
                 cancelled_units += remaining;
@@ -487,20 +511,70 @@ impl OrderBook {
     /// `batch_len_max`. Returns how many it forgot.
     pub fn purge_idempotency(&self, cutoff_ms: u64, batch_len_max: usize) -> Result<usize, IndexError> {
         let mut state = self.lock();
-        let old: Vec<(IdemNamespace, String)> = state
-            .idempotency
+        let due = state
+            .idempotency_by_age
             .iter()
-            .filter(|(_, entry)| entry.created_at_ms < cutoff_ms)
-            .map(|(key, _)| key.clone())
             .take(batch_len_max)
+            .take_while(|(created_at_ms, _, _)| *created_at_ms < cutoff_ms)
+            .count();
+        if due == 0 {
+            return Ok(0);
+        }
+        let mut txn = self.index.begin(&[])?;
+        for _ in 0..due {
+            let (_, namespace, key) = state.idempotency_by_age.pop_front().expect("counted above");
+            txn.delete(Cf::Idempotency, keys::idempotency(namespace, &key));
+            state.idempotency.remove(&(namespace, key));
+        }
+        drop(txn.commit());
+        Ok(due)
+    }
+
+    /// Forgets closed orders (SHIPPED, DELIVERED, CANCELLED) last changed before `cutoff_ms`,
+    /// at most `batch_len_max`, with their fulfilment orders and returns. Returns how many.
+    pub fn purge_closed_orders(&self, cutoff_ms: u64, batch_len_max: usize) -> Result<usize, IndexError> {
+        let mut guard = self.lock();
+        let state = &mut *guard;
+        let old: Vec<(u64, u64)> = state
+            .closed
+            .iter()
+            .take(batch_len_max)
+            .take_while(|(updated_at_ms, _)| *updated_at_ms < cutoff_ms)
+            .copied()
             .collect();
         if old.is_empty() {
             return Ok(0);
         }
         let mut txn = self.index.begin(&[])?;
+        let mut gone_fulfilment = HashSet::new();
         for key in &old {
-            state.idempotency.remove(key);
-            txn.delete(Cf::Idempotency, keys::idempotency(key.0, &key.1));
+            state.closed.remove(key);
+            let id = &key.1;
+            let order = state.orders.remove(id).expect("a closed order is in the book");
+            state.kpis.remove(&order);
+            state.by_external.remove(&(order.channel.clone(), order.external_order_id.clone()));
+            txn.delete(Cf::Orders, keys::numbered(*id));
+            for fo_id in &order.fulfilment_order_ids {
+                if let Some(fo) = state.fulfilment.remove(&fo_id.0) {
+                    assert_eq!(
+                        fo.remaining(),
+                        0,
+                        "a closed order's fulfilment order {fo_id} has units to ship"
+                    );
+                    gone_fulfilment.insert((fo.node_id.clone(), fo_id.0));
+                }
+                txn.delete(Cf::Fulfilment, keys::numbered(fo_id.0));
+            }
+            for return_id in &order.return_ids {
+                state.returns.remove(&return_id.0);
+                txn.delete(Cf::Returns, keys::numbered(return_id.0));
+            }
+        }
+        let nodes: HashSet<NodeId> = gone_fulfilment.iter().map(|(node, _)| node.clone()).collect();
+        for node in nodes {
+            if let Some(list) = state.by_node.get_mut(&node) {
+                list.retain(|id| !gone_fulfilment.contains(&(node.clone(), *id)));
+            }
         }
         drop(txn.commit());
         Ok(old.len())
@@ -548,6 +622,11 @@ impl OrderBook {
         }
         retried
     }
+}
+
+/// Whether nothing can happen to an order any more but delivery, returns and retention.
+fn is_closed(status: OrderStatus) -> bool {
+    matches!(status, OrderStatus::Shipped | OrderStatus::Delivered | OrderStatus::Cancelled)
 }
 
 pub(crate) fn not_found_order(id: OrderId) -> IndexError {
@@ -617,6 +696,7 @@ pub(crate) fn route_order(
     for shipment in &plan.shipments {
         let fo_id = FulfilmentOrderId(state.next_fulfilment_id);
         state.next_fulfilment_id += 1;
+        write_counter(txn, keys::META_NEXT_FULFILMENT_ID, state.next_fulfilment_id);
         let reservation = txn.hold(
             &shipment.node_id,
             &shipment.lines,
@@ -759,7 +839,7 @@ pub(crate) fn finish_order(
     if !skip {
         txn.event(AuditEvent {
             order_id: order.id.to_string(),
-            detail: format!("{} -> {}", before.name(), order.status.name()),
+            detail: format!("{} -> {}; {}", before.name(), order.status.name(), counters(order)),
             ..AuditEvent::new(&format!("order.{}", order.status.name()), now_ms, actor)
         });
     }
@@ -768,6 +848,26 @@ pub(crate) fn finish_order(
         keys::numbered(order.id.0),
         records::encode(Kind::Order, &OrderRecord::from_order(order)),
     );
+}
+
+/// The order's unit counters, for event details (the audit trail's after-quantities).
+pub(crate) fn counters(order: &Order) -> String {
+    let total = |bucket: Bucket| order.lines.iter().map(|line| line.count(bucket)).sum::<i64>();
+    format!(
+        "ordered {} allocated {} backordered {} shipped {} delivered {} cancelled {} returned {}",
+        order.lines.iter().map(|line| line.qty).sum::<i64>(),
+        total(Bucket::Allocated),
+        total(Bucket::Backordered),
+        total(Bucket::Shipped),
+        order.lines.iter().map(|line| line.delivered).sum::<i64>(),
+        total(Bucket::Cancelled),
+        order.lines.iter().map(|line| line.returned).sum::<i64>(),
+    )
+}
+
+/// Persists an id high-water mark in the same mutation as the id's first use.
+pub(crate) fn write_counter(txn: &mut Txn<'_>, key: &[u8], next: u64) {
+    txn.put(Cf::Meta, key, records::encode(Kind::Counter, &CounterRecord { value: next }));
 }
 
 pub(crate) fn write_fulfilment(txn: &mut Txn<'_>, fo: &FulfilmentOrder) {
@@ -804,10 +904,10 @@ pub(crate) fn remember(
         response: response.clone(),
     };
     txn.put(Cf::Idempotency, keys::idempotency(namespace, key), records::encode(Kind::Idempotency, &record));
-    state.idempotency.insert(
-        (namespace, key.to_string()),
-        IdemEntry { fingerprint, created_at_ms: txn.now_ms(), response: Arc::from(response) },
-    );
+    state
+        .idempotency
+        .insert((namespace, key.to_string()), IdemEntry { fingerprint, response: Arc::from(response) });
+    state.idempotency_by_age.push_back((txn.now_ms(), namespace, key.to_string()));
 }
 
 /// Looks up an idempotency key: `Some(response)` for a replay, ALREADY_EXISTS for a reuse

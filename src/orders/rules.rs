@@ -27,6 +27,10 @@ pub struct OrderRules {
     pub backorder_full_pass_interval_ms: u64,
     /// WatchEvents streams open at once at most.
     pub event_watchers_max: usize,
+    /// SHIPPED, DELIVERED and CANCELLED orders untouched for this long are forgotten (memory
+    /// and disk, with their fulfilment orders and returns); their events stay in the event
+    /// log until it is trimmed. 0 = keep every order.
+    pub closed_order_retention_ms: u64,
 }
 
 impl Default for OrderRules {
@@ -41,6 +45,7 @@ impl Default for OrderRules {
             backorder_retry_interval_ms: 200,
             backorder_full_pass_interval_ms: 60_000,
             event_watchers_max: 1_024,
+            closed_order_retention_ms: 90 * 24 * 3_600 * 1_000,
         }
     }
 }

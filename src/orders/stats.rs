@@ -207,6 +207,15 @@ impl Kpis {
         self.contributions.insert(order.id.0, contribution);
     }
 
+    /// Takes a forgotten order out of the KPIs.
+    pub(crate) fn remove(&mut self, order: &Order) {
+        if let Some(before) = self.contributions.remove(&order.id.0)
+            && let Some(aggregate) = self.by_channel.get_mut(&order.channel)
+        {
+            aggregate.apply(&before, -1);
+        }
+    }
+
     fn stats(&self, channel: Option<&Channel>) -> Stats {
         match channel {
             Some(channel) => self.by_channel.get(channel).map(Aggregate::stats).unwrap_or_default(),

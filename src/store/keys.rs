@@ -123,6 +123,10 @@ pub fn numbered(id: u64) -> [u8; 8] {
     id.to_be_bytes()
 }
 
+/// High-water marks of the order book's ids (never reused, also after a retention purge).
+pub const META_NEXT_ORDER_ID: &[u8] = b"next_order_id";
+pub const META_NEXT_FULFILMENT_ID: &[u8] = b"next_fulfilment_order_id";
+pub const META_NEXT_RETURN_ID: &[u8] = b"next_return_id";
 pub const META_LAST_AUDIT_SEQUENCE: &[u8] = b"last_audit_sequence";
 pub const META_FORMAT_VERSION: &[u8] = b"format_version";
 pub const META_LAST_SEQUENCE: &[u8] = b"last_sequence";

@@ -68,6 +68,10 @@ pub struct RecoveredOrders {
     pub returns: Vec<Return>,
     /// Idempotency records of the fulfilment RPCs (shipments, shortages, returns).
     pub idempotency: Vec<(IdemNamespace, String, IdempotencyRecord)>,
+    /// The next ids to assign, as stored (0 when never written).
+    pub next_order_id: u64,
+    pub next_fulfilment_id: u64,
+    pub next_return_id: u64,
 }
 
 impl Store {
@@ -282,6 +286,9 @@ impl Store {
                 .returns
                 .push(record.into_return().map_err(|error| corrupt(Cf::Returns, &key, error))?);
         }
+        recovered.orders.next_order_id = self.counter(keys::META_NEXT_ORDER_ID)?.unwrap_or(0);
+        recovered.orders.next_fulfilment_id = self.counter(keys::META_NEXT_FULFILMENT_ID)?.unwrap_or(0);
+        recovered.orders.next_return_id = self.counter(keys::META_NEXT_RETURN_ID)?.unwrap_or(0);
         let next_id = self.counter(keys::META_NEXT_RESERVATION_ID)?.unwrap_or(0);
         recovered.next_reservation_id = next_id.max(highest_id) + 1;
         let mut first = self.db.iterator_cf(self.cf(Cf::Events), IteratorMode::Start);
