@@ -11,10 +11,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/allot/v1/routing.proto",
         "proto/allot/v1/orders.proto",
         "proto/allot/v1/fulfilment.proto",
+        "proto/allot/v1/admin.proto",
     ];
     tonic_prost_build::configure()
-        // RPCs of services not built yet answer UNIMPLEMENTED instead of needing stubs.
-        .generate_default_stubs(true)
         .file_descriptor_set_path(out_dir.join("allot_descriptor.bin"))
         .compile_protos(&protos, &["proto"])?;
     println!("cargo:rerun-if-changed=proto");

@@ -47,10 +47,11 @@ pub enum Rpc {
     ConfirmDelivery,
     CreateReturn,
     ReceiveReturn,
+    Backup,
 }
 
 impl Rpc {
-    pub const ALL: [Rpc; 27] = [
+    pub const ALL: [Rpc; 28] = [
         Rpc::UpsertNodes,
         Rpc::ListNodes,
         Rpc::SetStock,
@@ -78,6 +79,7 @@ impl Rpc {
         Rpc::ConfirmDelivery,
         Rpc::CreateReturn,
         Rpc::ReceiveReturn,
+        Rpc::Backup,
     ];
 
     pub fn name(self) -> &'static str {
@@ -109,6 +111,7 @@ impl Rpc {
             Rpc::ConfirmDelivery => "ConfirmDelivery",
             Rpc::CreateReturn => "CreateReturn",
             Rpc::ReceiveReturn => "ReceiveReturn",
+            Rpc::Backup => "Backup",
         }
     }
 }

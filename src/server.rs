@@ -11,6 +11,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::api::admin::AdminApi;
 use crate::api::fulfilment::FulfilmentApi;
 use crate::api::inventory::InventoryApi;
 use crate::api::orders::OrdersApi;
@@ -153,6 +154,7 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Running, Sta
     health_reporter.set_serving::<v1::routing_server::RoutingServer<RoutingApi>>().await;
     health_reporter.set_serving::<v1::orders_server::OrdersServer<OrdersApi>>().await;
     health_reporter.set_serving::<v1::fulfilment_server::FulfilmentServer<FulfilmentApi>>().await;
+    health_reporter.set_serving::<v1::admin_server::AdminServer<AdminApi>>().await;
     health_reporter.set_service_status("", tonic_health::ServingStatus::Serving).await;
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
@@ -173,6 +175,9 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Running, Sta
         .max_decoding_message_size(message_bytes_max)
         .max_encoding_message_size(message_bytes_max);
     let orders_service = v1::orders_server::OrdersServer::new(OrdersApi::new(core.clone()))
+        .max_decoding_message_size(message_bytes_max)
+        .max_encoding_message_size(message_bytes_max);
+    let admin = v1::admin_server::AdminServer::new(AdminApi::new(core.clone()))
         .max_decoding_message_size(message_bytes_max)
         .max_encoding_message_size(message_bytes_max);
     let fulfilment = v1::fulfilment_server::FulfilmentServer::new(FulfilmentApi::new(core.clone()))
@@ -206,6 +211,7 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Running, Sta
         shutdown_health.set_not_serving::<v1::routing_server::RoutingServer<RoutingApi>>().await;
         shutdown_health.set_not_serving::<v1::orders_server::OrdersServer<OrdersApi>>().await;
         shutdown_health.set_not_serving::<v1::fulfilment_server::FulfilmentServer<FulfilmentApi>>().await;
+        shutdown_health.set_not_serving::<v1::admin_server::AdminServer<AdminApi>>().await;
         shutdown_core.admission.begin_shutdown();
         shutdown_core.feed.close();
         shutdown_core.events.close();
@@ -221,6 +227,7 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Running, Sta
         .add_service(routing)
         .add_service(orders_service)
         .add_service(fulfilment)
+        .add_service(admin)
         // TCP_NODELAY on every accepted connection: a response written in more than one segment
         // would otherwise wait for the client's delayed ACK (40 ms). (The builder's own
         // tcp_nodelay applies only when tonic binds the listener itself.)

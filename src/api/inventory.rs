@@ -39,6 +39,8 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'stati
 
 #[tonic::async_trait]
 impl v1::inventory_server::Inventory for InventoryApi {
+    type WatchAvailabilityStream = BoxStream<v1::AvailabilityChange>;
+
     async fn upsert_nodes(
         &self,
         request: Request<v1::UpsertNodesRequest>,

@@ -3,6 +3,7 @@
 //! against the in-flight limit, calls the layer below, and maps the result to the wire.
 //! One file per service; `errors.rs` holds the one exhaustive mapping to `Status`.
 
+pub mod admin;
 pub mod convert;
 pub mod errors;
 pub mod fulfilment;

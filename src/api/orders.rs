@@ -288,6 +288,8 @@ const PAGE_TOKEN_PREFIX: &str = "after-ord-";
 
 #[tonic::async_trait]
 impl v1::orders_server::Orders for OrdersApi {
+    type WatchEventsStream = BoxStream<v1::Event>;
+
     async fn capture_order(
         &self,
         request: Request<v1::CaptureOrderRequest>,
