@@ -106,6 +106,14 @@ impl Core {
             Err(status) => status.code(),
         };
         self.rpc_metrics.observe(permit.rpc, code, permit.started);
+        // Request-level logging, at debug only (ALLOT_LOG=allot=debug): disabled, it costs one
+        // callsite check.
+        tracing::debug!(
+            rpc = permit.rpc.name(),
+            code = ?code,
+            elapsed_us = permit.started.elapsed().as_micros() as u64,
+            "request"
+        );
         result.map(tonic::Response::new)
     }
 }
