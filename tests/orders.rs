@@ -2134,3 +2134,60 @@ async fn closed_orders_are_forgotten_after_their_retention() {
     drop(api);
     running.shutdown().await;
 }
+
+// ----- 14. backorder retry fairness ---------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backorders_that_cannot_use_new_stock_do_not_starve_later_ones() {
+    // Goal: the retry walks every order waiting for a risen SKU in bounded batches, so orders
+    // at the front that cannot use the new stock never starve the ones behind them. Method:
+    // batches of 2; three PICKUP orders at a store without stock wait first, then a SHIP
+    // order; stock arrives at the warehouse only (useless to the pickups). The SHIP order
+    // must be allocated, the pickups stay backordered and are not rewritten (no new events).
+    let rules = OrderRules { backorder_retry_batch_len_max: 2, ..OrderRules::default() };
+    let server = Server::start_in(tempfile::tempdir().unwrap(), Arc::new(SystemClock), rules).await;
+    let mut api = server.clients.clone();
+    api.upsert_nodes(vec![node_at(NEAR, 0.0), store_at(STORE, 0.1)]).await;
+    api.set_stock(&[("fair-a", NEAR, 0), ("fair-a", STORE, 0)]).await;
+    let mut pickups = Vec::new();
+    for index in 0..3 {
+        let request = with(&order_request(&format!("fair-pickup-{index}"), &[("fair-a", 1)]), |request| {
+            request.method = v1::Method::Pickup as i32;
+            request.pickup_node_id = STORE.into();
+        });
+        let order = api.capture(request).await;
+        assert_eq!(status(&order), OrderStatus::Backordered, "{order:?}");
+        pickups.push(order);
+    }
+    let ship = api.capture(order_request("fair-ship", &[("fair-a", 1)])).await;
+    assert_eq!(status(&ship), OrderStatus::Backordered);
+    let histories_before: Vec<usize> =
+        history_lengths(&mut api, &pickups.iter().map(|order| order.order_id.clone()).collect::<Vec<_>>())
+            .await;
+    api.adjust_stock("fair-receipt", &[("fair-a", NEAR, 5)]).await;
+    let filled = api
+        .wait_for_order(&ship.order_id, "the SHIP order behind three stuck pickups", |order| {
+            status(order) == OrderStatus::Allocated
+        })
+        .await;
+    assert_eq!(filled.lines[0].allocated, 1);
+    // Give the retry a few more passes: the pickups stay as they were, unrewritten.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    for order in &pickups {
+        assert_eq!(status(&api.order(&order.order_id).await), OrderStatus::Backordered);
+    }
+    let histories_after =
+        history_lengths(&mut api, &pickups.iter().map(|order| order.order_id.clone()).collect::<Vec<_>>())
+            .await;
+    assert_eq!(histories_after, histories_before, "an unchanged backorder writes no events");
+    server.stop().await;
+}
+
+/// The history length of each order.
+async fn history_lengths(api: &mut Clients, order_ids: &[String]) -> Vec<usize> {
+    let mut lengths = Vec::new();
+    for order_id in order_ids {
+        lengths.push(api.history(order_id).await.len());
+    }
+    lengths
+}

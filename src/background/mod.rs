@@ -70,30 +70,35 @@ pub fn spawn(
         let batch = options.backorder_retry_batch_len_max;
         let full_pass_every =
             (options.backorder_full_pass_interval_ms / options.backorder_retry_interval_ms).max(1);
-        let passes = std::sync::atomic::AtomicU64::new(0);
-        let carry: parking_lot::Mutex<Option<std::collections::HashSet<crate::domain::Sku>>> =
-            parking_lot::Mutex::new(Some(std::collections::HashSet::new()));
+        let passes = parking_lot::Mutex::new(BackorderPasses::default());
         tasks.push(every(options.backorder_retry_interval_ms, stop.clone(), move || {
-            let pass = passes.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
-            let mut pending = carry.lock();
-            // SKUs that rose: this interval's, plus what an unfinished pass left over.
-            let risen = match (core.index.take_risen(), pending.take()) {
-                (Some(mut now), Some(before)) => {
-                    now.extend(before);
-                    Some(now)
-                }
-                _ => None,
-            };
-            let risen = if pass.is_multiple_of(full_pass_every) { None } else { risen };
-            if risen.as_ref().is_some_and(|risen| risen.is_empty()) || core.orders.backordered_count() == 0 {
-                *pending = Some(std::collections::HashSet::new());
+            let mut passes = passes.lock();
+            passes.tick += 1;
+            passes.note(core.index.take_risen().map_or(Due::All, Due::Skus));
+            if passes.tick.is_multiple_of(full_pass_every) {
+                passes.note(Due::All);
+            }
+            if core.orders.backordered_count() == 0 {
+                passes.current = None;
+                passes.next = Due::Nothing;
                 return;
             }
-            let retried = core.orders.retry_backorders(risen.as_ref(), batch);
-            // A full batch may have left orders behind: look at the same SKUs next time.
-            *pending = if retried == batch { risen } else { Some(std::collections::HashSet::new()) };
-            if retried > 0 {
-                metrics::counter!("allot_backorder_retries_total").increment(retried as u64);
+            if passes.current.is_none() {
+                passes.current = match std::mem::replace(&mut passes.next, Due::Nothing) {
+                    Due::Nothing => return,
+                    Due::Skus(skus) if skus.is_empty() => return,
+                    Due::Skus(skus) => Some((Some(skus), 0)),
+                    Due::All => Some((None, 0)),
+                };
+            }
+            let (filter, after) = passes.current.as_ref().expect("set above");
+            let (changed, resume) = core.orders.retry_backorders(filter.as_ref(), *after, batch);
+            match resume {
+                Some(after) => passes.current.as_mut().expect("set above").1 = after,
+                None => passes.current = None,
+            }
+            if changed > 0 {
+                metrics::counter!("allot_backorder_retries_total").increment(changed as u64);
             }
         }));
     }
@@ -146,6 +151,40 @@ pub fn spawn(
         }));
     }
     tasks
+}
+
+/// What the next backorder pass must look at.
+#[derive(Default)]
+enum Due {
+    #[default]
+    Nothing,
+    /// Orders waiting for these SKUs (their ATP rose).
+    Skus(std::collections::HashSet<crate::domain::Sku>),
+    /// Every backordered order.
+    All,
+}
+
+/// The backorder retry's progress: the pass under way (its SKU filter, `None` = all, and the
+/// last order id done) and what the next pass must cover (what rose meanwhile).
+#[derive(Default)]
+struct BackorderPasses {
+    tick: u64,
+    current: Option<(Option<std::collections::HashSet<crate::domain::Sku>>, u64)>,
+    next: Due,
+}
+
+impl BackorderPasses {
+    fn note(&mut self, due: Due) {
+        self.next = match (std::mem::take(&mut self.next), due) {
+            (Due::All, _) | (_, Due::All) => Due::All,
+            (Due::Nothing, due) => due,
+            (due, Due::Nothing) => due,
+            (Due::Skus(mut skus), Due::Skus(more)) => {
+                skus.extend(more);
+                Due::Skus(skus)
+            }
+        };
+    }
 }
 
 /// Runs `work` on a blocking thread every `interval_ms` until `stop`.

@@ -250,6 +250,11 @@ impl Txn<'_> {
         position
     }
 
+    /// Whether the transaction changed anything (then it must commit).
+    pub fn is_dirty(&self) -> bool {
+        self.dirty
+    }
+
     pub fn put(&mut self, cf: Cf, key: impl Into<Vec<u8>>, value: Vec<u8>) {
         self.dirty = true;
         self.mutation.put(cf, key, value);

@@ -94,6 +94,10 @@ pub(crate) struct State {
     pub returns: HashMap<u64, Return>,
     /// Orders with backordered units, oldest first (the retry order).
     pub backordered: BTreeSet<u64>,
+    /// The same orders by the SKUs they wait for (the retry finds an SKU's waiters without
+    /// scanning every backorder), and each order's SKUs (to unindex it).
+    pub backordered_by_sku: HashMap<Sku, BTreeSet<u64>>,
+    pub backorder_skus: HashMap<u64, Vec<Sku>>,
     /// Per customer, capture times within the fraud window (oldest first).
     pub customer_captures: HashMap<String, VecDeque<u64>>,
     pub idempotency: HashMap<(IdemNamespace, String), IdemEntry>,
@@ -110,6 +114,37 @@ pub(crate) struct State {
 }
 
 impl State {
+    /// Keeps the backorder indexes in step with `order`'s backordered lines.
+    pub(crate) fn index_backorders(&mut self, order: &Order) {
+        let id = order.id.0;
+        let mut waiting: Vec<Sku> =
+            order.lines.iter().filter(|line| line.backordered > 0).map(|line| line.sku.clone()).collect();
+        waiting.sort();
+        waiting.dedup();
+        if self.backorder_skus.get(&id).is_some_and(|skus| *skus == waiting) {
+            return;
+        }
+        if let Some(before) = self.backorder_skus.remove(&id) {
+            for sku in before {
+                if let Some(ids) = self.backordered_by_sku.get_mut(&sku) {
+                    ids.remove(&id);
+                    if ids.is_empty() {
+                        self.backordered_by_sku.remove(&sku);
+                    }
+                }
+            }
+        }
+        if waiting.is_empty() {
+            self.backordered.remove(&id);
+            return;
+        }
+        self.backordered.insert(id);
+        for sku in &waiting {
+            self.backordered_by_sku.entry(sku.clone()).or_default().insert(id);
+        }
+        self.backorder_skus.insert(id, waiting);
+    }
+
     /// Stores `order` and updates its KPI contribution. Every order write goes through here,
     /// after the fulfilment orders it changed are stored.
     pub(crate) fn put_order(&mut self, order: Order) {
@@ -145,9 +180,7 @@ impl OrderBook {
         for order in recovered.orders {
             state.next_order_id = state.next_order_id.max(order.id.0 + 1);
             state.by_external.insert((order.channel.clone(), order.external_order_id.clone()), order.id.0);
-            if order.lines.iter().any(|line| line.backordered > 0) {
-                state.backordered.insert(order.id.0);
-            }
+            state.index_backorders(&order);
             if !order.customer.customer_id.is_empty() {
                 state
                     .customer_captures
@@ -490,7 +523,6 @@ impl OrderBook {
                 }
             }
         }
-        state.backordered.remove(&id.0);
         order.hold_reasons.clear();
         order.exception = None;
         order.cancel_reason = reason.to_string();
@@ -582,26 +614,35 @@ impl OrderBook {
 
     // ----- backorder retry ---------------------------------------------------------------
 
-    /// Re-routes backordered orders, oldest first, at most `batch_len_max`: those waiting for
-    /// a SKU in `risen`, or every one when `risen` is `None`. Returns how many it re-routed.
+    /// Re-routes backordered orders with an id above `after`, oldest first, at most
+    /// `batch_len_max`: those waiting for a SKU in `risen`, or every one when `risen` is
+    /// `None`. Returns how many changed, and where the next batch of the same pass starts
+    /// (`None`: the pass is complete). An order the retry cannot improve is not rewritten.
     /// Waits for nothing: the commits are acknowledged in the background.
-    pub fn retry_backorders(&self, risen: Option<&HashSet<Sku>>, batch_len_max: usize) -> usize {
+    pub fn retry_backorders(
+        &self,
+        risen: Option<&HashSet<Sku>>,
+        after: u64,
+        batch_len_max: usize,
+    ) -> (usize, Option<u64>) {
         let candidates: Vec<u64> = {
             let state = self.lock();
-            state
-                .backordered
-                .iter()
-                .filter(|id| {
-                    let order = &state.orders[id];
-                    risen.is_none_or(|risen| {
-                        order.lines.iter().any(|line| line.backordered > 0 && risen.contains(&line.sku))
-                    })
-                })
-                .take(batch_len_max)
-                .copied()
-                .collect()
+            let from = after.saturating_add(1);
+            match risen {
+                None => state.backordered.range(from..).take(batch_len_max).copied().collect(),
+                Some(risen) => {
+                    let mut ids = BTreeSet::new();
+                    for sku in risen {
+                        if let Some(waiting) = state.backordered_by_sku.get(sku) {
+                            ids.extend(waiting.range(from..).take(batch_len_max));
+                        }
+                    }
+                    ids.into_iter().take(batch_len_max).collect()
+                }
+            }
         };
-        let mut retried = 0;
+        let resume = if candidates.len() == batch_len_max { candidates.last().copied() } else { None };
+        let mut changed = 0;
         for id in candidates {
             let mut guard = self.lock();
             let state = &mut *guard;
@@ -610,17 +651,22 @@ impl OrderBook {
                 continue;
             }
             let Ok(mut txn) = self.index.begin(&order.skus()) else {
-                // Shedding: the next pass tries again.
-                break;
+                // Shedding: a later pass tries again.
+                return (changed, None);
             };
+            let original = order.clone();
             let before = order.status;
             route_order(state, &mut txn, &mut order, SYSTEM, self.rules.max_shipments);
+            if order == original && !txn.is_dirty() {
+                // Still nothing to route: no write, no event.
+                continue;
+            }
             finish_order(state, &mut txn, &mut order, before, SYSTEM, false);
             state.put_order(order);
             drop(txn.commit());
-            retried += 1;
+            changed += 1;
         }
-        retried
+        (changed, resume)
     }
 }
 
@@ -828,11 +874,7 @@ pub(crate) fn finish_order(
     {
         order.shipped_at_ms = Some(now_ms);
     }
-    if order.lines.iter().any(|line| line.backordered > 0) {
-        state.backordered.insert(order.id.0);
-    } else {
-        state.backordered.remove(&order.id.0);
-    }
+    state.index_backorders(order);
     let skip = order.status == before
         || order.status == OrderStatus::Held
         || (cancelling && order.status == OrderStatus::Cancelled);
