@@ -1,0 +1,129 @@
+//! The connection to allotd: address parsing, connecting, typed clients and one way to call.
+//!
+//! Owns `--addr` handling (`host:port` or a URI), the connect and per-call timeouts, and the
+//! message size the clients accept. Must not know any command: commands borrow a `Context`.
+
+use std::future::Future;
+use std::time::Duration;
+
+use allot::proto::v1;
+use tonic::Status;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::failure::Failure;
+
+/// How long connecting may take before the daemon counts as unreachable.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// The largest response allotctl decodes. Above the daemon's 4 MiB request limit on purpose:
+/// a ListNodes or ListOrders answer is not bounded by it.
+const DECODE_BYTES_MAX: usize = 64 * 1024 * 1024;
+
+/// What every command needs: a connected channel and the global flags.
+pub struct Context {
+    pub channel: Channel,
+    /// The daemon's URI as used, for messages.
+    pub address: String,
+    /// `--json`: one JSON document on stdout instead of tables.
+    pub json: bool,
+    /// `--timeout-ms`: the longest wait for one unary answer.
+    pub call_timeout: Duration,
+}
+
+/// `host:port` becomes `http://host:port`; an `http://` or `https://` URI is kept.
+pub fn endpoint_uri(raw: &str) -> Result<String, Failure> {
+    let raw = raw.trim();
+    if raw.is_empty() {
+        return Err(Failure::Usage("--addr: must not be empty".into()));
+    }
+    let uri = if raw.contains("://") { raw.to_string() } else { format!("http://{raw}") };
+    if !uri.starts_with("http://") && !uri.starts_with("https://") {
+        return Err(Failure::Usage(format!("--addr {raw:?}: the scheme must be http:// (or none)")));
+    }
+    Endpoint::from_shared(uri.clone())
+        .map_err(|error| Failure::Usage(format!("--addr {raw:?}: not an address ({error})")))?;
+    Ok(uri)
+}
+
+/// Connects eagerly, so an unreachable daemon is exit 3 before any command work starts.
+pub async fn connect(uri: &str, json: bool, call_timeout: Duration) -> Result<Context, Failure> {
+    let endpoint = Endpoint::from_shared(uri.to_string())
+        .map_err(|error| Failure::Usage(format!("--addr {uri:?}: {error}")))?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .tcp_nodelay(true);
+    let channel = endpoint.connect().await.map_err(|error| {
+        // The transport error's Display is terse ("transport error"); its source says why.
+        // Layers repeat each other's text ("tcp connect error: tcp connect error: ..."): keep
+        // each distinct message once.
+        let mut reasons = vec![error.to_string()];
+        let mut source = std::error::Error::source(&error);
+        while let Some(cause) = source {
+            let text = cause.to_string();
+            if !reasons.contains(&text) {
+                reasons.push(text);
+            }
+            source = cause.source();
+        }
+        let reason = reasons.join(": ");
+        Failure::Connect(format!("cannot connect to {uri}: {reason}"))
+    })?;
+    Ok(Context { channel, address: uri.to_string(), json, call_timeout })
+}
+
+impl Context {
+    pub fn inventory(&self) -> v1::inventory_client::InventoryClient<Channel> {
+        v1::inventory_client::InventoryClient::new(self.channel.clone())
+            .max_decoding_message_size(DECODE_BYTES_MAX)
+    }
+
+    pub fn orders(&self) -> v1::orders_client::OrdersClient<Channel> {
+        v1::orders_client::OrdersClient::new(self.channel.clone()).max_decoding_message_size(DECODE_BYTES_MAX)
+    }
+
+    pub fn admin(&self) -> v1::admin_client::AdminClient<Channel> {
+        v1::admin_client::AdminClient::new(self.channel.clone()).max_decoding_message_size(DECODE_BYTES_MAX)
+    }
+
+    pub fn health(&self) -> tonic_health::pb::health_client::HealthClient<Channel> {
+        tonic_health::pb::health_client::HealthClient::new(self.channel.clone())
+    }
+
+    /// One unary call bounded by `--timeout-ms`; no answer in time is DEADLINE_EXCEEDED.
+    pub async fn call_status<T>(
+        &self,
+        call: impl Future<Output = Result<tonic::Response<T>, Status>>,
+    ) -> Result<T, Status> {
+        match tokio::time::timeout(self.call_timeout, call).await {
+            Ok(result) => result.map(tonic::Response::into_inner),
+            Err(_elapsed) => Err(Status::deadline_exceeded(format!(
+                "no answer from {} within {} ms (--timeout-ms)",
+                self.address,
+                self.call_timeout.as_millis()
+            ))),
+        }
+    }
+
+    /// `call_status` for commands that stop at the first error.
+    pub async fn call<T>(
+        &self,
+        call: impl Future<Output = Result<tonic::Response<T>, Status>>,
+    ) -> Result<T, Failure> {
+        self.call_status(call).await.map_err(Failure::Status)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_take_host_port_or_an_http_uri() {
+        // Goal: `--addr` accepts host:port and http(s) URIs and refuses anything else.
+        // Method: table of inputs.
+        assert_eq!(endpoint_uri("127.0.0.1:50051").unwrap(), "http://127.0.0.1:50051");
+        assert_eq!(endpoint_uri("allot.allot.svc:50051").unwrap(), "http://allot.allot.svc:50051");
+        assert_eq!(endpoint_uri("http://[::1]:50051").unwrap(), "http://[::1]:50051");
+        for bad in ["", "ftp://host:1", "http://[::1"] {
+            assert!(matches!(endpoint_uri(bad), Err(Failure::Usage(_))), "{bad:?} must be refused");
+        }
+    }
+}
