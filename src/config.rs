@@ -78,6 +78,9 @@ pub struct ServerConfig {
     pub purge_interval_ms: u64,
     /// How long a graceful shutdown waits for in-flight requests.
     pub shutdown_drain_ms: u64,
+    /// How often the consistency checker runs in the background (it pauses writers for
+    /// about one scan of the reservations); 0 = only on request (Admin.Check).
+    pub consistency_check_interval_ms: u64,
 }
 
 impl Default for Config {
@@ -130,6 +133,7 @@ impl Default for ServerConfig {
             expiry_batch_len_max: 10_000,
             purge_interval_ms: 60_000,
             shutdown_drain_ms: 10_000,
+            consistency_check_interval_ms: 3_600_000,
         }
     }
 }

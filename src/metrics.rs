@@ -48,10 +48,11 @@ pub enum Rpc {
     CreateReturn,
     ReceiveReturn,
     Backup,
+    Check,
 }
 
 impl Rpc {
-    pub const ALL: [Rpc; 28] = [
+    pub const ALL: [Rpc; 29] = [
         Rpc::UpsertNodes,
         Rpc::ListNodes,
         Rpc::SetStock,
@@ -80,6 +81,7 @@ impl Rpc {
         Rpc::CreateReturn,
         Rpc::ReceiveReturn,
         Rpc::Backup,
+        Rpc::Check,
     ];
 
     pub fn name(self) -> &'static str {
@@ -112,6 +114,7 @@ impl Rpc {
             Rpc::CreateReturn => "CreateReturn",
             Rpc::ReceiveReturn => "ReceiveReturn",
             Rpc::Backup => "Backup",
+            Rpc::Check => "Check",
         }
     }
 }
@@ -257,6 +260,12 @@ fn describe() {
     describe_gauge!("allot_order_cycle_time_p50_seconds", "Capture to fully shipped, median.");
     describe_gauge!("allot_order_cycle_time_p95_seconds", "Capture to fully shipped, 95th percentile.");
     describe_gauge!("allot_event_watchers", "Open WatchEvents streams.");
+    describe_gauge!(
+        "allot_consistency_drift",
+        "Drifted positions plus broken invariants found by the last consistency check (0 = clean)."
+    );
+    describe_counter!("allot_consistency_checks_total", "Consistency checks run.");
+    describe_histogram!("allot_consistency_check_seconds", Unit::Seconds, "Time one consistency check took.");
     describe_gauge!("allot_last_event_sequence", "Sequence number of the last durable event.");
 }
 
@@ -271,6 +280,8 @@ fn register_at_zero() {
     metrics::counter!("allot_orders_captured_total").increment(0);
     metrics::counter!("allot_shipments_total").increment(0);
     metrics::counter!("allot_backorder_retries_total").increment(0);
+    metrics::counter!("allot_consistency_checks_total").increment(0);
+    metrics::gauge!("allot_consistency_drift").set(0.0);
     let _ = metrics::histogram!("allot_commit_fsync_seconds");
     let _ = metrics::histogram!("allot_commit_batch_mutations");
 }

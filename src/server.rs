@@ -195,6 +195,7 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Running, Sta
             backorder_retry_interval_ms: config.orders.backorder_retry_interval_ms,
             backorder_retry_batch_len_max: config.orders.backorder_retry_batch_len_max,
             backorder_full_pass_interval_ms: config.orders.backorder_full_pass_interval_ms,
+            consistency_check_interval_ms: config.server.consistency_check_interval_ms,
         },
         shutdown_receiver.clone(),
     );

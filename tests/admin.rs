@@ -151,3 +151,185 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consistency_check_is_clean_after_traffic_and_names_a_drifted_position() {
+    // Goal: the checker finds nothing after real traffic (reserves, releases, an order shipped
+    // in part, a shortage) and names exactly the position whose stored reserved count was
+    // tampered with, both on request and from the background run (metric). Method: traffic,
+    // Check; stop; overwrite one position record in RocksDB offline; restart; Check again.
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let running = allot::server::start(common::test_config(&data), Arc::new(SystemClock)).await.unwrap();
+    let endpoint = format!("http://{}", running.grpc_address);
+    let mut inventory = common::inventory_client(running.grpc_address).await;
+    let mut admin = v1::admin_client::AdminClient::connect(endpoint.clone()).await.unwrap();
+    let mut orders = v1::orders_client::OrdersClient::connect(endpoint.clone()).await.unwrap();
+    let mut fulfilment = v1::fulfilment_client::FulfilmentClient::connect(endpoint).await.unwrap();
+    inventory
+        .upsert_nodes(v1::UpsertNodesRequest {
+            nodes: vec![common::node("DC-1", 40.0, -74.0), common::node("DC-2", 41.0, -75.0)],
+        })
+        .await
+        .unwrap();
+    let mut entries = Vec::new();
+    for index in 0..50 {
+        entries.push(common::stock(&format!("SKU-{index:02}"), "DC-1", 20));
+        entries.push(common::stock(&format!("SKU-{index:02}"), "DC-2", 20));
+    }
+    inventory.set_stock(v1::SetStockRequest { entries }).await.unwrap();
+    for index in 0..40 {
+        let reserved = inventory
+            .reserve(v1::ReserveRequest {
+                idempotency_key: format!("check-{index}"),
+                lines: vec![common::line(&format!("SKU-{:02}", index % 50), "DC-1", 2)],
+                ttl_ms: 60_000,
+                reference: String::new(),
+                channel: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if index % 3 == 0 {
+            let release = v1::ReleaseReservationRequest { reservation_id: reserved.reservation_id };
+            inventory.release_reservation(release).await.unwrap();
+        }
+    }
+    let order = orders
+        .capture_order(v1::CaptureOrderRequest {
+            channel: "web".into(),
+            external_order_id: "check-order".into(),
+            ship_to: Some(v1::Address {
+                line1: "1 Main St".into(),
+                city: "Newark".into(),
+                postal_code: "07102".into(),
+                country: "US".into(),
+                lat: 40.1,
+                lon: -74.1,
+                ..v1::Address::default()
+            }),
+            lines: vec![
+                v1::capture_order_request::Line {
+                    line_id: "1".into(),
+                    sku: "SKU-45".into(),
+                    qty: 5,
+                    unit_price: 1,
+                },
+                v1::capture_order_request::Line {
+                    line_id: "2".into(),
+                    sku: "SKU-46".into(),
+                    qty: 4,
+                    unit_price: 1,
+                },
+            ],
+            payment: Some(v1::Payment {
+                authorization_id: "a".into(),
+                status: v1::payment::Status::Authorized as i32,
+                amount: 9,
+            }),
+            ..v1::CaptureOrderRequest::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let fo = order.fulfilment_order_ids[0].clone();
+    fulfilment
+        .confirm_shipment(v1::ConfirmShipmentRequest {
+            fulfilment_order_id: fo.clone(),
+            idempotency_key: "check-ship".into(),
+            lines: vec![v1::SkuQty { sku: "SKU-45".into(), qty: 2 }],
+            carrier: "DHL".into(),
+            tracking_number: "1".into(),
+        })
+        .await
+        .unwrap();
+    fulfilment
+        .report_shortage(v1::ReportShortageRequest {
+            fulfilment_order_id: fo,
+            sku: "SKU-46".into(),
+            missing_qty: 1,
+            idempotency_key: String::new(),
+        })
+        .await
+        .unwrap();
+    let report = admin.check(v1::CheckRequest { listed_max: 0 }).await.unwrap().into_inner();
+    assert!(report.clean, "{report:?}");
+    assert_eq!(report.positions_checked, 100, "{report:?}");
+    assert!(report.reservations_checked >= 41 && report.orders_checked == 1, "{report:?}");
+    let reserved_before = inventory
+        .get_availability(v1::GetAvailabilityRequest { skus: vec!["SKU-07".into()], ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner()
+        .items[0]
+        .nodes
+        .iter()
+        .find(|position| position.node_id == "DC-1")
+        .unwrap()
+        .reserved;
+    drop((inventory, admin, orders, fulfilment));
+    running.shutdown().await;
+
+    // Tamper: SKU-07 at DC-1 claims 5 more reserved units than its reservations hold.
+    {
+        let (store, _) = allot::store::Store::open(&data, &allot::store::StoreOptions::default()).unwrap();
+        let sku = allot::domain::Sku::parse("SKU-07").unwrap();
+        let node = allot::domain::NodeId::parse("DC-1").unwrap();
+        let record = allot::store::records::PositionRecord {
+            on_hand: 20,
+            reserved: reserved_before + 5,
+            safety_stock: None,
+        };
+        let cf = store.cf(allot::store::Cf::Positions);
+        let value = allot::store::records::encode(allot::store::records::Kind::Position, &record);
+        store.db().put_cf(cf, allot::store::keys::position(&sku, &node), value).unwrap();
+        store.flush().unwrap();
+    }
+    let mut config = common::test_config(&data);
+    config.server.consistency_check_interval_ms = 100;
+    let running = allot::server::start(config, Arc::new(SystemClock)).await.unwrap();
+    let mut admin =
+        v1::admin_client::AdminClient::connect(format!("http://{}", running.grpc_address)).await.unwrap();
+    let report = admin.check(v1::CheckRequest { listed_max: 0 }).await.unwrap().into_inner();
+    assert!(!report.clean);
+    assert_eq!(report.drift_count, 1, "{report:?}");
+    assert_eq!(
+        report.drift,
+        vec![v1::check_response::Drift {
+            sku: "SKU-07".into(),
+            node_id: "DC-1".into(),
+            reserved: reserved_before + 5,
+            held: reserved_before,
+        }]
+    );
+    // The background run exports it.
+    let url = format!("http://{}/metrics", running.metrics_address);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let scrape = scrape(&url).await;
+        if scrape.lines().any(|line| line == "allot_consistency_drift 1") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no allot_consistency_drift 1 in:\n{scrape}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    drop(admin);
+    running.shutdown().await;
+}
+
+/// GET `url` over plain HTTP/1.1 (the metrics endpoint), std only.
+async fn scrape(url: &str) -> String {
+    let url = url.to_string();
+    tokio::task::spawn_blocking(move || {
+        use std::io::{Read, Write};
+        let rest = url.strip_prefix("http://").unwrap();
+        let (host, path) = rest.split_once('/').unwrap();
+        let mut stream = std::net::TcpStream::connect(host).unwrap();
+        write!(stream, "GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").unwrap();
+        let mut body = String::new();
+        stream.read_to_string(&mut body).unwrap();
+        body
+    })
+    .await
+    .unwrap()
+}

@@ -43,8 +43,67 @@ fn backup_dir(raw: &str) -> Result<PathBuf, ServiceError> {
     }
 }
 
+/// Drifted positions and problems a Check lists by default.
+const CHECK_LISTED_DEFAULT: usize = 100;
+const CHECK_LISTED_MAX: usize = 10_000;
+
+/// Runs the index and order-book checks (blocking: call off the async workers).
+pub fn run_check(core: &Core, listed_max: usize) -> (crate::index::ConsistencyReport, u64) {
+    let started = std::time::Instant::now();
+    let mut report = core.index.check_consistency(listed_max);
+    core.orders.check_consistency(&mut report, listed_max);
+    let elapsed_us = started.elapsed().as_micros() as u64;
+    metrics::counter!("allot_consistency_checks_total").increment(1);
+    metrics::gauge!("allot_consistency_drift").set((report.drift_count + report.problems.len()) as f64);
+    metrics::histogram!("allot_consistency_check_seconds").record(elapsed_us as f64 / 1e6);
+    if !report.is_clean() {
+        tracing::error!(
+            drift = report.drift_count,
+            problems = report.problems.len(),
+            first_problem = report.problems.first().map(String::as_str).unwrap_or(""),
+            "consistency check found drift"
+        );
+    }
+    (report, elapsed_us)
+}
+
 #[tonic::async_trait]
 impl v1::admin_server::Admin for AdminApi {
+    async fn check(&self, request: Request<v1::CheckRequest>) -> Result<Response<v1::CheckResponse>, Status> {
+        let permit = self.core.admit(Rpc::Check)?;
+        let result = async {
+            let listed_max = match request.get_ref().listed_max as usize {
+                0 => CHECK_LISTED_DEFAULT,
+                asked => asked.min(CHECK_LISTED_MAX),
+            };
+            let core = self.core.clone();
+            let (report, elapsed_us) = tokio::task::spawn_blocking(move || run_check(&core, listed_max))
+                .await
+                .map_err(|error| ServiceError::Internal(error.to_string()))?;
+            Ok(v1::CheckResponse {
+                clean: report.is_clean(),
+                positions_checked: report.positions_checked as u64,
+                reservations_checked: report.reservations_checked as u64,
+                orders_checked: report.orders_checked as u64,
+                drift_count: report.drift_count as u64,
+                drift: report
+                    .drift
+                    .iter()
+                    .map(|drift| v1::check_response::Drift {
+                        sku: drift.sku.to_string(),
+                        node_id: drift.node_id.to_string(),
+                        reserved: drift.reserved,
+                        held: drift.held,
+                    })
+                    .collect(),
+                problems: report.problems,
+                elapsed_us,
+            })
+        }
+        .await;
+        self.core.finish(permit, result)
+    }
+
     async fn backup(
         &self,
         request: Request<v1::BackupRequest>,

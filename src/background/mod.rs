@@ -13,6 +13,8 @@ use crate::api::Core;
 const PURGE_BATCH_LEN_MAX: usize = 10_000;
 /// How often gauges are refreshed.
 const GAUGE_INTERVAL_MS: u64 = 1_000;
+/// Drifted positions and problems a background check logs at most.
+const CONSISTENCY_LISTED_MAX: usize = 10;
 /// How often the order KPI gauges are recomputed (a scan of every order).
 const ORDER_GAUGE_INTERVAL_MS: u64 = 10_000;
 
@@ -25,6 +27,7 @@ pub struct BackgroundOptions {
     pub backorder_retry_interval_ms: u64,
     pub backorder_retry_batch_len_max: usize,
     pub backorder_full_pass_interval_ms: u64,
+    pub consistency_check_interval_ms: u64,
 }
 
 /// Starts the background tasks; they end when `stop` becomes true.
@@ -134,6 +137,18 @@ pub fn spawn(
             metrics::gauge!("allot_backordered_orders").set(core.orders.backordered_count() as f64);
             metrics::gauge!("allot_event_watchers").set(core.events.watchers() as f64);
             metrics::gauge!("allot_last_event_sequence").set(core.index.wal().last_event_sequence() as f64);
+        }));
+    }
+    if options.consistency_check_interval_ms > 0 {
+        let core = core.clone();
+        let interval_ms = options.consistency_check_interval_ms;
+        let first = std::sync::atomic::AtomicBool::new(true);
+        tasks.push(every(interval_ms, stop.clone(), move || {
+            // The interval's first tick is immediate: skip it, start-up has enough to do.
+            if first.swap(false, std::sync::atomic::Ordering::Relaxed) {
+                return;
+            }
+            let _ = crate::api::admin::run_check(&core, CONSISTENCY_LISTED_MAX);
         }));
     }
     {

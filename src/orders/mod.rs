@@ -4,6 +4,7 @@
 //! May import `domain`, `index`, `routing`, `store` and `clock`; must not import `api`.
 
 pub mod book;
+pub mod check;
 pub mod rules;
 pub mod stats;
 

@@ -523,6 +523,47 @@ pub async fn backup(context: &Context, dir: String) -> Result<Outcome, Failure> 
     Ok(Outcome::Done)
 }
 
+pub async fn check(context: &Context, listed_max: u32) -> Result<Outcome, Failure> {
+    let report = context.call(context.admin().check(v1::CheckRequest { listed_max })).await?;
+    let outcome = if report.clean { Outcome::Done } else { Outcome::Inconsistent };
+    if context.json {
+        print_json(&json!({
+            "clean": report.clean,
+            "positions_checked": report.positions_checked,
+            "reservations_checked": report.reservations_checked,
+            "orders_checked": report.orders_checked,
+            "drift_count": report.drift_count,
+            "drift": report.drift.iter().map(|drift| json!({
+                "sku": drift.sku,
+                "node_id": drift.node_id,
+                "reserved": drift.reserved,
+                "held": drift.held,
+            })).collect::<Vec<_>>(),
+            "problems": report.problems,
+            "elapsed_us": report.elapsed_us,
+        }));
+        return Ok(outcome);
+    }
+    print_fields(&[
+        ("clean", report.clean.to_string()),
+        ("positions_checked", report.positions_checked.to_string()),
+        ("reservations_checked", report.reservations_checked.to_string()),
+        ("orders_checked", report.orders_checked.to_string()),
+        ("drift_count", report.drift_count.to_string()),
+        ("elapsed_us", report.elapsed_us.to_string()),
+    ]);
+    for drift in &report.drift {
+        println!(
+            "drift: {} at {}: reserved {} but open reservations hold {}",
+            drift.sku, drift.node_id, drift.reserved, drift.held
+        );
+    }
+    for problem in &report.problems {
+        println!("problem: {problem}");
+    }
+    Ok(outcome)
+}
+
 pub async fn health(context: &Context, service: &str) -> Result<Outcome, Failure> {
     use tonic_health::pb::health_check_response::ServingStatus;
     let request = tonic_health::pb::HealthCheckRequest { service: service.to_string() };

@@ -21,6 +21,8 @@ pub const EXIT_UNREACHABLE: u8 = 3;
 pub const EXIT_PARTIAL: u8 = 4;
 /// `reserve` answered INSUFFICIENT: nothing is held (a business outcome, not an error).
 pub const EXIT_INSUFFICIENT: u8 = 5;
+/// `check` found drift or a broken invariant (listed on stdout).
+pub const EXIT_INCONSISTENT: u8 = 6;
 
 /// The exit-code table for `--help`; keep it equal to the constants above.
 pub const EXIT_CODES_HELP: &str = "\
@@ -30,7 +32,8 @@ Exit codes:
   2  usage error, or a bad input file (unreadable, no valid header)
   3  could not connect, no answer in time, or the daemon is unavailable / NOT_SERVING
   4  partial success: some import rows were rejected (`line N: reason` on stderr)
-  5  reserve: INSUFFICIENT stock, nothing held (shortfalls are printed)";
+  5  reserve: INSUFFICIENT stock, nothing held (shortfalls are printed)
+  6  check: the daemon's state drifted (what drifted is printed)";
 
 /// How a command that ran to its end went (it printed its own result).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,6 +45,8 @@ pub enum Outcome {
     Insufficient,
     /// Health answered, but not SERVING.
     NotServing,
+    /// The consistency check found drift.
+    Inconsistent,
 }
 
 impl Outcome {
@@ -51,6 +56,7 @@ impl Outcome {
             Outcome::Partial => EXIT_PARTIAL,
             Outcome::Insufficient => EXIT_INSUFFICIENT,
             Outcome::NotServing => EXIT_UNREACHABLE,
+            Outcome::Inconsistent => EXIT_INCONSISTENT,
         })
     }
 }

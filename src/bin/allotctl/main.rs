@@ -96,6 +96,14 @@ enum Command {
         /// Must not exist yet; its parent must. The daemon writes it.
         dir: PathBuf,
     },
+    /// The consistency checker (Admin.Check): recomputes every position's reserved units from
+    /// the open reservations and checks the order book; exit 6 when anything drifted.
+    /// It pauses the daemon's writers for about one scan of the reservations.
+    Check {
+        /// Drifted positions and problems listed at most (each).
+        #[arg(long, default_value_t = 100)]
+        listed_max: u32,
+    },
     /// grpc.health.v1 Check: prints the status; exit 0 when SERVING, 3 otherwise.
     Health {
         /// A service name (e.g. allot.v1.Inventory); empty = the whole daemon.
@@ -376,6 +384,7 @@ impl Job {
             }
             Command::Stats { channel } => commands::stats(context, channel.as_deref()).await,
             Command::Health { service } => commands::health(context, &service).await,
+            Command::Check { listed_max } => commands::check(context, listed_max).await,
             Command::Stock { command: StockCommand::Import { .. } }
             | Command::Nodes { command: NodesCommand::Import { .. } }
             | Command::Backup { .. } => unreachable!("Job::prepare took the commands with local work"),
