@@ -233,7 +233,7 @@ async fn consistency_check_is_clean_after_traffic_and_names_a_drifted_position()
         .unwrap()
         .into_inner();
     let fo = order.fulfilment_order_ids[0].clone();
-    fulfilment
+    let shipped = fulfilment
         .confirm_shipment(v1::ConfirmShipmentRequest {
             fulfilment_order_id: fo.clone(),
             idempotency_key: "check-ship".into(),
@@ -242,7 +242,22 @@ async fn consistency_check_is_clean_after_traffic_and_names_a_drifted_position()
             tracking_number: "1".into(),
         })
         .await
-        .unwrap();
+        .unwrap()
+        .into_inner();
+    // A fulfilment order's reservation moves only with it: the Inventory service may not
+    // release, confirm or extend it (that would free units the node is about to ship).
+    let reservation_id = shipped.reservation_id.clone();
+    let status = inventory
+        .release_reservation(v1::ReleaseReservationRequest { reservation_id: reservation_id.clone() })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status}");
+    assert!(status.message().contains("fulfilment order"), "{status}");
+    let status = inventory
+        .extend_reservation(v1::ExtendReservationRequest { reservation_id, ttl_ms: 1_000 })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status}");
     fulfilment
         .report_shortage(v1::ReportShortageRequest {
             fulfilment_order_id: fo,
