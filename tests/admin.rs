@@ -104,7 +104,7 @@ async fn backup_is_consistent_and_restores_into_a_second_daemon() {
 
     // Restore: a copy of the backup is a data directory.
     let restored_dir = dir.path().join("restored");
-    copy_dir(&backup_dir, &restored_dir);
+    common::copy_dir(&backup_dir, &restored_dir);
     let config = common::test_config(&restored_dir);
     let restored = allot::server::start(config, Arc::new(SystemClock)).await.unwrap();
     let endpoint = format!("http://{}", restored.grpc_address);
@@ -137,19 +137,6 @@ async fn backup_is_consistent_and_restores_into_a_second_daemon() {
     drop((inventory, inventory2, admin, orders, orders2));
     restored.shutdown().await;
     running.shutdown().await;
-}
-
-fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -131,20 +131,6 @@ fn write_nodes_csv(path: &Path) {
     std::fs::write(path, text).unwrap();
 }
 
-/// Copies a directory tree (a restore: the backup as a new data directory).
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), &target).unwrap();
-        }
-    }
-}
-
 /// A TCP port nothing listens on (bound, then released).
 fn closed_address() -> SocketAddr {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -372,7 +358,7 @@ fn backup_then_restore_on_a_second_daemon_serves_identical_availability() {
     assert!(again.stderr.contains("INVALID_ARGUMENT"), "{}", again.describe());
 
     let restored_dir = dir.path().join("restored");
-    copy_dir(&backup_dir, &restored_dir);
+    common::copy_dir(&backup_dir, &restored_dir);
     let restored = Daemon::start(&restored_dir);
 
     let before = availability(daemon.grpc_address, &skus);

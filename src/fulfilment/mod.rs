@@ -60,6 +60,26 @@ pub struct ReceiveCommand {
     pub fingerprint: u64,
 }
 
+impl OrderBook {
+    /// A replay of an idempotent fulfilment request (`key` empty: not idempotent): its
+    /// remembered response, answered once everything before it is durable.
+    fn replayed<T>(
+        &self,
+        state: &crate::orders::book::State,
+        namespace: IdemNamespace,
+        key: &str,
+        fingerprint: u64,
+    ) -> Result<Option<Committed<Outcome<T>>>, IndexError> {
+        if key.is_empty() {
+            return Ok(None);
+        }
+        match replay(state, namespace, key, fingerprint)? {
+            Some(response) => Ok(Some(self.after_barrier(Outcome::Replayed(response))?)),
+            None => Ok(None),
+        }
+    }
+}
+
 fn not_found_fo(id: FulfilmentOrderId) -> IndexError {
     IndexError::NotFound(format!("fulfilment order {id} does not exist"))
 }
@@ -77,9 +97,8 @@ impl OrderBook {
         let mut guard = self.lock();
         let state = &mut *guard;
         let key = command.idempotency_key.as_str();
-        if let Some(response) = replay(state, IdemNamespace::Shipment, key, command.fingerprint)? {
-            drop(guard);
-            return self.after_barrier(Outcome::Replayed(response));
+        if let Some(replayed) = self.replayed(state, IdemNamespace::Shipment, key, command.fingerprint)? {
+            return Ok(replayed);
         }
         let id = command.fulfilment_order_id;
         let mut fo = state.fulfilment.get(&id.0).cloned().ok_or_else(|| not_found_fo(id))?;
@@ -173,11 +192,8 @@ impl OrderBook {
         let mut guard = self.lock();
         let state = &mut *guard;
         let key = command.idempotency_key.as_str();
-        if !key.is_empty()
-            && let Some(response) = replay(state, IdemNamespace::Shortage, key, command.fingerprint)?
-        {
-            drop(guard);
-            return self.after_barrier(Outcome::Replayed(response));
+        if let Some(replayed) = self.replayed(state, IdemNamespace::Shortage, key, command.fingerprint)? {
+            return Ok(replayed);
         }
         let id = command.fulfilment_order_id;
         let mut fo = state.fulfilment.get(&id.0).cloned().ok_or_else(|| not_found_fo(id))?;
@@ -303,11 +319,8 @@ impl OrderBook {
         let mut guard = self.lock();
         let state = &mut *guard;
         let key = command.idempotency_key.as_str();
-        if !key.is_empty()
-            && let Some(response) = replay(state, IdemNamespace::ReturnCreate, key, command.fingerprint)?
-        {
-            drop(guard);
-            return self.after_barrier(Outcome::Replayed(response));
+        if let Some(replayed) = self.replayed(state, IdemNamespace::ReturnCreate, key, command.fingerprint)? {
+            return Ok(replayed);
         }
         let order_id = command.order_id;
         let mut order = state.orders.get(&order_id.0).cloned().ok_or_else(|| not_found_order(order_id))?;
@@ -379,11 +392,10 @@ impl OrderBook {
         let mut guard = self.lock();
         let state = &mut *guard;
         let key = command.idempotency_key.as_str();
-        if !key.is_empty()
-            && let Some(response) = replay(state, IdemNamespace::ReturnReceive, key, command.fingerprint)?
+        if let Some(replayed) =
+            self.replayed(state, IdemNamespace::ReturnReceive, key, command.fingerprint)?
         {
-            drop(guard);
-            return self.after_barrier(Outcome::Replayed(response));
+            return Ok(replayed);
         }
         let id = command.return_id;
         let mut value = state

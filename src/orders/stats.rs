@@ -255,23 +255,27 @@ impl OrderBook {
 mod tests {
     use super::*;
 
+    /// A SHIPPED order's contribution, shipped `seconds` after capture.
+    fn shipped_after(seconds: u64) -> Contribution {
+        Contribution {
+            status: 5,
+            filled: 0,
+            wanted: 0,
+            returned: 0,
+            shipped: 0,
+            routed: 0,
+            split: 0,
+            backordered: 0,
+            delivered: 0,
+            perfect: 0,
+            cycle_ms: Some(seconds * 1_000),
+        }
+    }
+
     fn aggregate_of(cycle_seconds: &[u64]) -> Aggregate {
         let mut aggregate = Aggregate::default();
         for seconds in cycle_seconds {
-            let contribution = Contribution {
-                status: 5,
-                filled: 0,
-                wanted: 0,
-                returned: 0,
-                shipped: 0,
-                routed: 0,
-                split: 0,
-                backordered: 0,
-                delivered: 0,
-                perfect: 0,
-                cycle_ms: Some(seconds * 1_000),
-            };
-            aggregate.apply(&contribution, 1);
+            aggregate.apply(&shipped_after(*seconds), 1);
         }
         aggregate
     }
@@ -295,20 +299,7 @@ mod tests {
         // cycle-time entries). Method: add two, remove both.
         let mut aggregate = aggregate_of(&[4, 7]);
         for seconds in [4, 7] {
-            let contribution = Contribution {
-                status: 5,
-                filled: 0,
-                wanted: 0,
-                returned: 0,
-                shipped: 0,
-                routed: 0,
-                split: 0,
-                backordered: 0,
-                delivered: 0,
-                perfect: 0,
-                cycle_ms: Some(seconds * 1_000),
-            };
-            aggregate.apply(&contribution, -1);
+            aggregate.apply(&shipped_after(seconds), -1);
         }
         assert!(aggregate.cycle_ms.is_empty());
         assert_eq!(aggregate.cycle_count, 0);

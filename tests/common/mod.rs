@@ -112,3 +112,17 @@ pub fn line(sku: &str, node_id: &str, qty: i64) -> v1::ReserveLine {
 pub fn stock(sku: &str, node_id: &str, on_hand: i64) -> v1::StockEntry {
     v1::StockEntry { sku: sku.into(), node_id: node_id.into(), on_hand, safety_stock: None }
 }
+
+/// Copies a directory tree (a backup into a new data directory).
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+        }
+    }
+}
