@@ -29,6 +29,8 @@ pub struct Config {
     pub routing: RoutingRules,
     /// Order capture: fraud holds, routing of orders, backorder retry.
     pub orders: OrderRules,
+    /// Bearer tokens and their roles; none = no authentication.
+    pub auth: AuthConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -95,6 +97,7 @@ impl Default for Config {
             limits: Limits::default(),
             routing: RoutingRules::default(),
             orders: OrderRules::default(),
+            auth: AuthConfig::default(),
         }
     }
 }
@@ -138,6 +141,69 @@ impl Default for ServerConfig {
     }
 }
 
+/// What a token may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Checkout services: availability, reservations, routing and allocation, order capture.
+    Checkout,
+    /// Marketplace connectors: availability and its feed, order capture and the event feed.
+    Connector,
+    /// Warehouses and stores: their fulfilment orders, shipments, returns, stock syncs.
+    Fulfilment,
+    /// Operators: everything (nodes, stock, holds, stats, backup, checks, config).
+    Admin,
+}
+
+/// One configured token.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenConfig {
+    /// Who holds it (for logs; never the token).
+    pub name: String,
+    pub role: Role,
+    /// Lower-case hex SHA-256 of the token (`allotd --hash-token` prints it).
+    pub sha256: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// Empty: no authentication.
+    pub tokens: Vec<TokenConfig>,
+}
+
+impl AuthConfig {
+    pub fn problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        let mut names = std::collections::HashSet::new();
+        let mut digests = std::collections::HashSet::new();
+        for (index, token) in self.tokens.iter().enumerate() {
+            if token.name.is_empty() || !names.insert(token.name.as_str()) {
+                problems.push(format!("auth.tokens[{index}].name: empty or used twice"));
+            }
+            if decode_digest(&token.sha256).is_none() {
+                problems.push(format!("auth.tokens[{index}].sha256: not 64 lower-case hex digits"));
+            } else if !digests.insert(token.sha256.as_str()) {
+                problems.push(format!("auth.tokens[{index}].sha256: the same token is configured twice"));
+            }
+        }
+        problems
+    }
+}
+
+/// A token digest as configured: 64 lower-case hex digits.
+pub(crate) fn decode_digest(hex: &str) -> Option<[u8; 32]> {
+    if hex.len() != 64 || !hex.bytes().all(|byte| byte.is_ascii_digit() || (b'a'..=b'f').contains(&byte)) {
+        return None;
+    }
+    let mut digest = [0u8; 32];
+    for (index, byte) in digest.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&hex[index * 2..index * 2 + 2], 16).ok()?;
+    }
+    Some(digest)
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("reading {path}: {source}")]
@@ -166,6 +232,7 @@ impl Config {
         let mut problems = self.limits.problems();
         problems.extend(self.routing.problems());
         problems.extend(self.orders.problems());
+        problems.extend(self.auth.problems());
         if !self.index.shard_count.is_power_of_two() || self.index.shard_count > 65_536 {
             problems.push(format!(
                 "index.shard_count {} must be a power of two up to 65536",

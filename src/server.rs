@@ -221,6 +221,7 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Running, Sta
     let server = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .layer(tower::util::MapResponseLayer::new(crate::api::oversize::remap_oversize))
+        .layer(crate::api::auth::AuthLayer::new(crate::api::auth::Auth::from_config(&config.auth)))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

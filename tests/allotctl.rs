@@ -68,6 +68,7 @@ fn allotctl_in(cwd: Option<&Path>, address: Option<SocketAddr>, args: &[&str]) -
         .args(args)
         .env_remove("ALLOT_ADDR")
         .env_remove("ALLOT_TIMEOUT_MS")
+        .env_remove("ALLOT_TOKEN")
         .stdin(Stdio::null())
         .output()
         .expect("running allotctl");

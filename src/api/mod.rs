@@ -4,6 +4,7 @@
 //! One file per service; `errors.rs` holds the one exhaustive mapping to `Status`.
 
 pub mod admin;
+pub mod auth;
 pub mod convert;
 pub mod errors;
 pub mod fulfilment;

@@ -37,10 +37,23 @@ struct Flags {
     /// Print the effective configuration problems (if any) and exit.
     #[arg(long)]
     check_config: bool,
+    /// Read a bearer token from stdin and print its SHA-256, the form `[auth] tokens` stores
+    /// (the token itself never goes into the config or the shell history).
+    #[arg(long)]
+    hash_token: bool,
 }
 
 fn main() -> ExitCode {
     let flags = Flags::parse();
+    if flags.hash_token {
+        let mut token = String::new();
+        if std::io::stdin().read_line(&mut token).is_err() || token.trim().is_empty() {
+            eprintln!("allotd: --hash-token reads the token from stdin (one line)");
+            return ExitCode::from(2);
+        }
+        println!("{}", allot::api::auth::hash_token(token.trim()));
+        return ExitCode::SUCCESS;
+    }
     init_logging(&flags.log_format);
     let mut config = match &flags.config {
         Some(path) => match Config::from_file(path) {

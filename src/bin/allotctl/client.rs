@@ -8,6 +8,9 @@ use std::time::Duration;
 
 use allot::proto::v1;
 use tonic::Status;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::failure::Failure;
@@ -18,9 +21,38 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// a ListNodes or ListOrders answer is not bounded by it.
 const DECODE_BYTES_MAX: usize = 64 * 1024 * 1024;
 
+/// Adds `authorization: Bearer <token>` to every call (nothing without a token).
+#[derive(Clone, Default)]
+pub struct Bearer(Option<MetadataValue<Ascii>>);
+
+impl Bearer {
+    pub fn new(token: Option<&str>) -> Result<Bearer, Failure> {
+        match token.map(str::trim).filter(|token| !token.is_empty()) {
+            None => Ok(Bearer(None)),
+            Some(token) => MetadataValue::try_from(format!("Bearer {token}"))
+                .map(|value| Bearer(Some(value)))
+                .map_err(|_| Failure::Usage("--token / ALLOT_TOKEN: not a printable ASCII token".into())),
+        }
+    }
+}
+
+impl Interceptor for Bearer {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+        if let Some(value) = &self.0 {
+            request.metadata_mut().insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// A channel whose calls carry the bearer token.
+pub type Authed = InterceptedService<Channel, Bearer>;
+
 /// What every command needs: a connected channel and the global flags.
 pub struct Context {
     pub channel: Channel,
+    /// `--token`: added to every call.
+    pub bearer: Bearer,
     /// The daemon's URI as used, for messages.
     pub address: String,
     /// `--json`: one JSON document on stdout instead of tables.
@@ -45,7 +77,12 @@ pub fn endpoint_uri(raw: &str) -> Result<String, Failure> {
 }
 
 /// Connects eagerly, so an unreachable daemon is exit 3 before any command work starts.
-pub async fn connect(uri: &str, json: bool, call_timeout: Duration) -> Result<Context, Failure> {
+pub async fn connect(
+    uri: &str,
+    json: bool,
+    call_timeout: Duration,
+    bearer: Bearer,
+) -> Result<Context, Failure> {
     let endpoint = Endpoint::from_shared(uri.to_string())
         .map_err(|error| Failure::Usage(format!("--addr {uri:?}: {error}")))?
         .connect_timeout(CONNECT_TIMEOUT)
@@ -66,25 +103,30 @@ pub async fn connect(uri: &str, json: bool, call_timeout: Duration) -> Result<Co
         let reason = reasons.join(": ");
         Failure::Connect(format!("cannot connect to {uri}: {reason}"))
     })?;
-    Ok(Context { channel, address: uri.to_string(), json, call_timeout })
+    Ok(Context { channel, bearer, address: uri.to_string(), json, call_timeout })
 }
 
 impl Context {
-    pub fn inventory(&self) -> v1::inventory_client::InventoryClient<Channel> {
-        v1::inventory_client::InventoryClient::new(self.channel.clone())
+    pub fn inventory(&self) -> v1::inventory_client::InventoryClient<Authed> {
+        v1::inventory_client::InventoryClient::with_interceptor(self.channel.clone(), self.bearer.clone())
             .max_decoding_message_size(DECODE_BYTES_MAX)
     }
 
-    pub fn orders(&self) -> v1::orders_client::OrdersClient<Channel> {
-        v1::orders_client::OrdersClient::new(self.channel.clone()).max_decoding_message_size(DECODE_BYTES_MAX)
+    pub fn orders(&self) -> v1::orders_client::OrdersClient<Authed> {
+        v1::orders_client::OrdersClient::with_interceptor(self.channel.clone(), self.bearer.clone())
+            .max_decoding_message_size(DECODE_BYTES_MAX)
     }
 
-    pub fn admin(&self) -> v1::admin_client::AdminClient<Channel> {
-        v1::admin_client::AdminClient::new(self.channel.clone()).max_decoding_message_size(DECODE_BYTES_MAX)
+    pub fn admin(&self) -> v1::admin_client::AdminClient<Authed> {
+        v1::admin_client::AdminClient::with_interceptor(self.channel.clone(), self.bearer.clone())
+            .max_decoding_message_size(DECODE_BYTES_MAX)
     }
 
-    pub fn health(&self) -> tonic_health::pb::health_client::HealthClient<Channel> {
-        tonic_health::pb::health_client::HealthClient::new(self.channel.clone())
+    pub fn health(&self) -> tonic_health::pb::health_client::HealthClient<Authed> {
+        tonic_health::pb::health_client::HealthClient::with_interceptor(
+            self.channel.clone(),
+            self.bearer.clone(),
+        )
     }
 
     /// One unary call bounded by `--timeout-ms`; no answer in time is DEADLINE_EXCEEDED.

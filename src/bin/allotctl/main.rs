@@ -47,6 +47,10 @@ struct Cli {
     #[arg(long, env = "ALLOT_TIMEOUT_MS", default_value_t = CALL_TIMEOUT_MS_DEFAULT, global = true,
           value_parser = clap::value_parser!(u64).range(1..))]
     timeout_ms: u64,
+    /// Bearer token sent with every call, when the daemon has `[auth] tokens` configured.
+    /// Prefer the environment variable: a flag shows in the process list.
+    #[arg(long, env = "ALLOT_TOKEN", global = true, hide_env_values = true)]
+    token: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -311,7 +315,8 @@ async fn run(cli: Cli) -> Result<Outcome, Failure> {
     // Whatever can be checked without the daemon is checked first: bad input is exit 2 even
     // when the daemon is down.
     let job = Job::prepare(cli.command)?;
-    let context = client::connect(&uri, cli.json, Duration::from_millis(cli.timeout_ms)).await?;
+    let bearer = client::Bearer::new(cli.token.as_deref())?;
+    let context = client::connect(&uri, cli.json, Duration::from_millis(cli.timeout_ms), bearer).await?;
     job.run(&context).await
 }
 
