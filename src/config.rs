@@ -307,6 +307,37 @@ mod tests {
     }
 
     #[test]
+    fn kubernetes_config_map_is_the_example_with_pod_addresses() {
+        // Goal: the config embedded in deploy/k8s/configmap.yaml does not drift from the
+        // documented defaults. Method: cut it out of the YAML block (4-space indent), parse,
+        // and compare with the defaults after setting the three pod-specific settings.
+        let yaml = include_str!("../deploy/k8s/configmap.yaml");
+        let start = yaml.find("  allot.toml: |\n").expect("the allot.toml key") + "  allot.toml: |\n".len();
+        let embedded: String = yaml[start..]
+            .lines()
+            .map(|line| line.strip_prefix("    ").unwrap_or(line))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let parsed = Config::from_toml(&embedded).unwrap();
+        let expected = Config {
+            data_dir: PathBuf::from("/var/lib/allot"),
+            listen: "0.0.0.0:50051".parse().unwrap(),
+            metrics_listen: "0.0.0.0:9464".parse().unwrap(),
+            ..Config::default()
+        };
+        assert_eq!(parsed, expected);
+        // Every key written out, like the example (a missing key would silently default).
+        let mut example: toml::Table = include_str!("../deploy/allot.toml").parse().unwrap();
+        let embedded: toml::Table = embedded.parse().unwrap();
+        for (key, value) in
+            [("data_dir", "/var/lib/allot"), ("listen", "0.0.0.0:50051"), ("metrics_listen", "0.0.0.0:9464")]
+        {
+            example.insert(key.into(), toml::Value::String(value.into()));
+        }
+        assert_eq!(embedded, example, "deploy/k8s/configmap.yaml lists other keys than deploy/allot.toml");
+    }
+
+    #[test]
     fn partial_file_keeps_defaults() {
         // Goal: keys left out take their defaults. Method: one key set.
         let config =
