@@ -305,10 +305,9 @@ async fn consistency_check_is_clean_after_traffic_and_names_a_drifted_position()
         }]
     );
     // The background run exports it.
-    let url = format!("http://{}/metrics", running.metrics_address);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
-        let scrape = scrape(&url).await;
+        let scrape = common::http_get(running.metrics_address, "/metrics").await;
         if scrape.lines().any(|line| line == "allot_consistency_drift 1") {
             break;
         }
@@ -317,21 +316,4 @@ async fn consistency_check_is_clean_after_traffic_and_names_a_drifted_position()
     }
     drop(admin);
     running.shutdown().await;
-}
-
-/// GET `url` over plain HTTP/1.1 (the metrics endpoint), std only.
-async fn scrape(url: &str) -> String {
-    let url = url.to_string();
-    tokio::task::spawn_blocking(move || {
-        use std::io::{Read, Write};
-        let rest = url.strip_prefix("http://").unwrap();
-        let (host, path) = rest.split_once('/').unwrap();
-        let mut stream = std::net::TcpStream::connect(host).unwrap();
-        write!(stream, "GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").unwrap();
-        let mut body = String::new();
-        stream.read_to_string(&mut body).unwrap();
-        body
-    })
-    .await
-    .unwrap()
 }

@@ -106,7 +106,7 @@ async fn tokens_and_roles_gate_every_service_and_probes_stay_open() {
     assert_eq!(health.check(probe).await.unwrap().into_inner().status, 1, "SERVING without a token");
 
     // The metrics port is open but carries no business data: no SKU, node or token name.
-    let scrape = reqwest_free_get(&format!("http://{}/metrics", running.metrics_address)).await;
+    let scrape = common::http_get(running.metrics_address, "/metrics").await;
     for secret in ["SKU-1", "DC-1", "secret-", "\"web\"", "\"ops\""] {
         assert!(!scrape.contains(secret), "/metrics exposes {secret:?}");
     }
@@ -147,21 +147,4 @@ fn allotctl_sends_the_token_from_the_environment() {
     assert_eq!(code, Some(1), "{stderr}");
     assert!(stderr.contains("PERMISSION_DENIED"), "{stderr}");
     assert_eq!(run(Some("ops-token"), &["check"]).0, Some(0));
-}
-
-/// GET over plain HTTP/1.1, std only.
-async fn reqwest_free_get(url: &str) -> String {
-    let url = url.to_string();
-    tokio::task::spawn_blocking(move || {
-        use std::io::{Read, Write};
-        let rest = url.strip_prefix("http://").unwrap();
-        let (host, path) = rest.split_once('/').unwrap();
-        let mut stream = std::net::TcpStream::connect(host).unwrap();
-        write!(stream, "GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").unwrap();
-        let mut body = String::new();
-        stream.read_to_string(&mut body).unwrap();
-        body
-    })
-    .await
-    .unwrap()
 }

@@ -1557,22 +1557,6 @@ async fn health_and_reflection() {
 
 // ----- 11. metrics --------------------------------------------------------------------------
 
-/// GET `path` over plain HTTP/1.0 and return the whole response (status line and body).
-async fn http_get(address: SocketAddr, path: &str) -> String {
-    let request = format!("GET {path} HTTP/1.0\r\nHost: {address}\r\n\r\n");
-    tokio::task::spawn_blocking(move || {
-        use std::io::{Read, Write};
-        let mut stream = std::net::TcpStream::connect(address).unwrap();
-        stream.set_read_timeout(Some(WAIT_MAX)).unwrap();
-        stream.write_all(request.as_bytes()).unwrap();
-        let mut response = String::new();
-        stream.read_to_string(&mut response).unwrap();
-        response
-    })
-    .await
-    .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_endpoint() {
     // Goal: /metrics serves Prometheus text with per-RPC counters by code, the commit fsync
@@ -1584,7 +1568,7 @@ async fn metrics_endpoint() {
     reserve(&mut client, reserve_request("m-1", vec![line("SKU-1", "NODE-A", 1)], 0)).await;
     reserve(&mut client, reserve_request("m-2", vec![line("SKU-1", "NODE-A", 5)], 0)).await;
 
-    let response = http_get(daemon.running.metrics_address, "/metrics").await;
+    let response = common::http_get(daemon.running.metrics_address, "/metrics").await;
     assert!(response.starts_with("HTTP/1."), "{response}");
     assert!(response.lines().next().unwrap().contains(" 200"), "{response}");
     let prefix = "allot_grpc_requests_total{rpc=\"Reserve\",code=\"OK\"} ";

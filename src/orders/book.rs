@@ -92,12 +92,12 @@ pub(crate) struct State {
     /// Per node, its fulfilment orders oldest first.
     pub by_node: HashMap<NodeId, Vec<u64>>,
     pub returns: HashMap<u64, Return>,
-    /// Orders with backordered units, oldest first (the retry order).
-    pub backordered: BTreeSet<u64>,
-    /// The same orders by the SKUs they wait for (the retry finds an SKU's waiters without
-    /// scanning every backorder), and each order's SKUs (to unindex it).
+    /// Orders with backordered units, oldest first (the retry order), with the SKUs each
+    /// waits for.
+    pub backordered: BTreeMap<u64, Vec<Sku>>,
+    /// The same orders by the SKUs they wait for: the retry finds an SKU's waiters without
+    /// scanning every backorder.
     pub backordered_by_sku: HashMap<Sku, BTreeSet<u64>>,
-    pub backorder_skus: HashMap<u64, Vec<Sku>>,
     /// Per customer, capture times within the fraud window (oldest first).
     pub customer_captures: HashMap<String, VecDeque<u64>>,
     pub idempotency: HashMap<(IdemNamespace, String), IdemEntry>,
@@ -121,10 +121,10 @@ impl State {
             order.lines.iter().filter(|line| line.backordered > 0).map(|line| line.sku.clone()).collect();
         waiting.sort();
         waiting.dedup();
-        if self.backorder_skus.get(&id).is_some_and(|skus| *skus == waiting) {
+        if self.backordered.get(&id).is_some_and(|skus| *skus == waiting) {
             return;
         }
-        if let Some(before) = self.backorder_skus.remove(&id) {
+        if let Some(before) = self.backordered.remove(&id) {
             for sku in before {
                 if let Some(ids) = self.backordered_by_sku.get_mut(&sku) {
                     ids.remove(&id);
@@ -135,14 +135,12 @@ impl State {
             }
         }
         if waiting.is_empty() {
-            self.backordered.remove(&id);
             return;
         }
-        self.backordered.insert(id);
         for sku in &waiting {
             self.backordered_by_sku.entry(sku.clone()).or_default().insert(id);
         }
-        self.backorder_skus.insert(id, waiting);
+        self.backordered.insert(id, waiting);
     }
 
     /// Stores `order` and updates its KPI contribution. Every order write goes through here,
@@ -629,7 +627,7 @@ impl OrderBook {
             let state = self.lock();
             let from = after.saturating_add(1);
             match risen {
-                None => state.backordered.range(from..).take(batch_len_max).copied().collect(),
+                None => state.backordered.range(from..).take(batch_len_max).map(|(id, _)| *id).collect(),
                 Some(risen) => {
                     let mut ids = BTreeSet::new();
                     for sku in risen {
@@ -647,7 +645,7 @@ impl OrderBook {
             let mut guard = self.lock();
             let state = &mut *guard;
             let Some(mut order) = state.orders.get(&id).cloned() else { continue };
-            if !state.backordered.contains(&id) || order.status == OrderStatus::Held {
+            if !state.backordered.contains_key(&id) || order.status == OrderStatus::Held {
                 continue;
             }
             let Ok(mut txn) = self.index.begin(&order.skus()) else {

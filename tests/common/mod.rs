@@ -126,3 +126,20 @@ pub fn copy_dir(from: &Path, to: &Path) {
         }
     }
 }
+
+/// GET `path` over plain HTTP/1.0 and return the whole response (status line and body): the
+/// metrics endpoint, std only.
+pub async fn http_get(address: SocketAddr, path: &str) -> String {
+    let request = format!("GET {path} HTTP/1.0\r\nHost: {address}\r\n\r\n");
+    tokio::task::spawn_blocking(move || {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(address).unwrap();
+        stream.set_read_timeout(Some(std::time::Duration::from_secs(30))).unwrap();
+        stream.write_all(request.as_bytes()).unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).unwrap();
+        response
+    })
+    .await
+    .unwrap()
+}
