@@ -31,6 +31,8 @@ pub struct Config {
     pub orders: OrderRules,
     /// Bearer tokens and their roles; none = no authentication.
     pub auth: AuthConfig,
+    /// TLS and mutual TLS on the gRPC port; absent = plaintext.
+    pub tls: TlsConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -48,6 +50,12 @@ pub struct StoreConfig {
     pub event_retention: u64,
     /// RocksDB memtable size per column family.
     pub write_buffer_bytes: usize,
+    /// Free space the data directory's file system must keep: below it, every write is refused
+    /// with RESOURCE_EXHAUSTED before anything changes (reads go on), until space returns. A
+    /// write that fails anyway stops the daemon without acknowledging. 0 = no guard.
+    pub disk_free_min_bytes: u64,
+    /// How often the free space is measured.
+    pub disk_check_interval_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -98,6 +106,7 @@ impl Default for Config {
             routing: RoutingRules::default(),
             orders: OrderRules::default(),
             auth: AuthConfig::default(),
+            tls: TlsConfig::default(),
         }
     }
 }
@@ -111,6 +120,8 @@ impl Default for StoreConfig {
             change_retention: 1_000_000,
             event_retention: 50_000_000,
             write_buffer_bytes: 64 * 1024 * 1024,
+            disk_free_min_bytes: 256 * 1024 * 1024,
+            disk_check_interval_ms: 250,
         }
     }
 }
@@ -192,6 +203,38 @@ impl AuthConfig {
     }
 }
 
+/// TLS on the gRPC port (rustls). The files are PEM and read at start-up; a missing or
+/// unreadable file stops the start with its name.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// The server's certificate chain; with `key_file`, turns TLS on.
+    pub cert_file: Option<PathBuf>,
+    /// The server's private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: Option<PathBuf>,
+    /// CA certificates for client certificates: when set, every client must present a
+    /// certificate signed by one of them (mutual TLS).
+    pub client_ca_file: Option<PathBuf>,
+}
+
+impl TlsConfig {
+    pub fn enabled(&self) -> bool {
+        self.cert_file.is_some()
+    }
+
+    pub fn problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        if self.cert_file.is_some() != self.key_file.is_some() {
+            problems.push("tls.cert_file and tls.key_file go together: set both or neither".into());
+        }
+        if self.client_ca_file.is_some() && self.cert_file.is_none() {
+            problems
+                .push("tls.client_ca_file needs tls.cert_file and tls.key_file (mutual TLS is TLS)".into());
+        }
+        problems
+    }
+}
+
 /// A token digest as configured: 64 lower-case hex digits.
 pub(crate) fn decode_digest(hex: &str) -> Option<[u8; 32]> {
     if hex.len() != 64 || !hex.bytes().all(|byte| byte.is_ascii_digit() || (b'a'..=b'f').contains(&byte)) {
@@ -233,6 +276,10 @@ impl Config {
         problems.extend(self.routing.problems());
         problems.extend(self.orders.problems());
         problems.extend(self.auth.problems());
+        problems.extend(self.tls.problems());
+        if self.store.disk_check_interval_ms == 0 {
+            problems.push("store.disk_check_interval_ms must be at least 1".into());
+        }
         if !self.index.shard_count.is_power_of_two() || self.index.shard_count > 65_536 {
             problems.push(format!(
                 "index.shard_count {} must be a power of two up to 65536",

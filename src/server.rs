@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
 use crate::api::admin::AdminApi;
 use crate::api::fulfilment::FulfilmentApi;
@@ -35,8 +36,29 @@ pub enum StartError {
     Store(#[from] StoreError),
     #[error("binding {what} on {address}: {source}")]
     Bind { what: &'static str, address: SocketAddr, source: std::io::Error },
+    #[error("TLS: {0}")]
+    Tls(String),
     #[error("{0}")]
     Other(String),
+}
+
+/// The rustls server configuration of `[tls]`, or None for plaintext. Reads the PEM files.
+fn tls_config(tls: &crate::config::TlsConfig) -> Result<Option<ServerTlsConfig>, StartError> {
+    let (Some(cert_file), Some(key_file)) = (&tls.cert_file, &tls.key_file) else {
+        return Ok(None);
+    };
+    let read = |what: &str, path: &std::path::Path| {
+        std::fs::read(path)
+            .map_err(|error| StartError::Tls(format!("reading tls.{what} {}: {error}", path.display())))
+    };
+    let mut server = ServerTlsConfig::new()
+        .identity(Identity::from_pem(read("cert_file", cert_file)?, read("key_file", key_file)?))
+        // A client that opens a connection and never finishes the handshake is dropped.
+        .timeout(Duration::from_secs(10));
+    if let Some(client_ca_file) = &tls.client_ca_file {
+        server = server.client_ca_root(Certificate::from_pem(read("client_ca_file", client_ca_file)?));
+    }
+    Ok(Some(server))
 }
 
 /// A running daemon.
@@ -70,6 +92,14 @@ impl Running {
 pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Running, StartError> {
     config.validate()?;
     let started = Instant::now();
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls_config(&config.tls)? {
+        // Reads and parses the certificate and key before anything else starts: a bad file
+        // stops the start, naming the problem, and never falls back to plaintext.
+        builder = builder.tls_config(tls).map_err(|error| StartError::Tls(tls_error_text(&error)))?;
+    } else if !config.listen.ip().is_loopback() {
+        tracing::warn!(listen = %config.listen, "gRPC is plaintext on a non-loopback address: configure [tls]");
+    }
     let data_dir = config.data_dir.clone();
     let store_options = StoreOptions { write_buffer_bytes: config.store.write_buffer_bytes };
     let (store, recovered) = tokio::task::spawn_blocking(move || Store::open(&data_dir, &store_options))
@@ -218,7 +248,7 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Running, Sta
         shutdown_core.events.close();
         tracing::info!("shutting down: not serving, draining in-flight requests");
     };
-    let server = tonic::transport::Server::builder()
+    let server = builder
         .tcp_nodelay(true)
         .layer(tower::util::MapResponseLayer::new(crate::api::oversize::remap_oversize))
         .layer(crate::api::auth::AuthLayer::new(crate::api::auth::Auth::from_config(&config.auth)))
@@ -240,6 +270,7 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Running, Sta
 
     tracing::info!(
         grpc = %grpc_address,
+        tls = if config.tls.client_ca_file.is_some() { "mutual" } else if config.tls.enabled() { "on" } else { "off" },
         metrics = %crate::metrics::describe_address(metrics_address),
         startup_ms = started.elapsed().as_millis() as u64,
         positions = index.position_count(),
@@ -283,4 +314,16 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Running, Sta
     });
 
     Ok(Running { grpc_address, metrics_address, core, shutdown, finished })
+}
+
+/// A transport error with its sources (rustls puts the useful part in the source chain).
+fn tls_error_text(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(inner) = source {
+        text.push_str(": ");
+        text.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    text
 }

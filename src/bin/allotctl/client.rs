@@ -11,7 +11,7 @@ use tonic::Status;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use crate::failure::Failure;
 
@@ -61,6 +61,45 @@ pub struct Context {
     pub call_timeout: Duration,
 }
 
+/// `--tls-ca`, `--tls-cert`, `--tls-key`: how to reach a daemon with `[tls]` configured.
+#[derive(Debug, Clone, Default)]
+pub struct TlsFiles {
+    /// PEM CA certificates the daemon's certificate must chain to.
+    pub ca: Option<std::path::PathBuf>,
+    /// This client's certificate and key, for a daemon that requires mutual TLS.
+    pub cert: Option<std::path::PathBuf>,
+    pub key: Option<std::path::PathBuf>,
+}
+
+impl TlsFiles {
+    /// The rustls client configuration, or None for plaintext (an http:// address and no CA).
+    /// Every file is read here, so a missing one is a usage error (exit 2).
+    pub fn client_config(&self, uri: &str) -> Result<Option<ClientTlsConfig>, Failure> {
+        if self.cert.is_some() != self.key.is_some() {
+            return Err(Failure::Usage("--tls-cert and --tls-key go together".into()));
+        }
+        if self.ca.is_none() && self.cert.is_none() && !uri.starts_with("https://") {
+            return Ok(None);
+        }
+        let read = |flag: &str, path: &std::path::Path| {
+            std::fs::read(path).map_err(|error| Failure::Usage(format!("{flag} {}: {error}", path.display())))
+        };
+        let mut config = ClientTlsConfig::new();
+        match &self.ca {
+            Some(ca) => config = config.ca_certificate(Certificate::from_pem(read("--tls-ca", ca)?)),
+            None => {
+                return Err(Failure::Usage(
+                    "TLS needs --tls-ca (the CA that signed the daemon's certificate)".into(),
+                ));
+            }
+        }
+        if let (Some(cert), Some(key)) = (&self.cert, &self.key) {
+            config = config.identity(Identity::from_pem(read("--tls-cert", cert)?, read("--tls-key", key)?));
+        }
+        Ok(Some(config))
+    }
+}
+
 /// `host:port` becomes `http://host:port`; an `http://` or `https://` URI is kept.
 pub fn endpoint_uri(raw: &str) -> Result<String, Failure> {
     let raw = raw.trim();
@@ -69,7 +108,9 @@ pub fn endpoint_uri(raw: &str) -> Result<String, Failure> {
     }
     let uri = if raw.contains("://") { raw.to_string() } else { format!("http://{raw}") };
     if !uri.starts_with("http://") && !uri.starts_with("https://") {
-        return Err(Failure::Usage(format!("--addr {raw:?}: the scheme must be http:// (or none)")));
+        return Err(Failure::Usage(format!(
+            "--addr {raw:?}: the scheme must be http:// or https:// (or none)"
+        )));
     }
     Endpoint::from_shared(uri.clone())
         .map_err(|error| Failure::Usage(format!("--addr {raw:?}: not an address ({error})")))?;
@@ -82,11 +123,23 @@ pub async fn connect(
     json: bool,
     call_timeout: Duration,
     bearer: Bearer,
+    tls: &TlsFiles,
 ) -> Result<Context, Failure> {
-    let endpoint = Endpoint::from_shared(uri.to_string())
+    let tls = tls.client_config(uri)?;
+    // With TLS the scheme is https whatever was typed (the CA flags ask for it).
+    let uri = match &tls {
+        Some(_) => uri.replacen("http://", "https://", 1),
+        None => uri.to_string(),
+    };
+    let uri = uri.as_str();
+    let mut endpoint = Endpoint::from_shared(uri.to_string())
         .map_err(|error| Failure::Usage(format!("--addr {uri:?}: {error}")))?
         .connect_timeout(CONNECT_TIMEOUT)
         .tcp_nodelay(true);
+    let endpoint_uses_tls = tls.is_some();
+    if let Some(tls) = tls {
+        endpoint = endpoint.tls_config(tls).map_err(|error| Failure::Usage(format!("TLS: {error}")))?;
+    }
     let channel = endpoint.connect().await.map_err(|error| {
         // The transport error's Display is terse ("transport error"); its source says why.
         // Layers repeat each other's text ("tcp connect error: tcp connect error: ..."): keep
@@ -103,6 +156,24 @@ pub async fn connect(
         let reason = reasons.join(": ");
         Failure::Connect(format!("cannot connect to {uri}: {reason}"))
     })?;
+    if endpoint_uses_tls {
+        // With TLS 1.3 the client finishes its handshake before the server has checked the
+        // client's certificate; a refusal arrives on first use. One health check (open to
+        // every client) tells a refused connection from a daemon error.
+        let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+        let request = tonic_health::pb::HealthCheckRequest { service: String::new() };
+        match tokio::time::timeout(CONNECT_TIMEOUT, health.check(request)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(status)) => {
+                return Err(Failure::Connect(format!(
+                    "cannot connect to {uri}: the TLS connection was refused or broke on first use \
+                     (a daemon requiring a client certificate: see --tls-cert): {}",
+                    status.message()
+                )));
+            }
+            Err(_) => return Err(Failure::Connect(format!("cannot connect to {uri}: no answer over TLS"))),
+        }
+    }
     Ok(Context { channel, bearer, address: uri.to_string(), json, call_timeout })
 }
 

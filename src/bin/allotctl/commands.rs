@@ -460,7 +460,7 @@ pub async fn events_tail(context: &Context, options: TailOptions) -> Result<Outc
                 return Err(Failure::Status(tonic::Status::unavailable("the daemon ended the event stream")));
             }
             Ok(None) => return Ok(Outcome::Done),
-            Err(status) => return Err(Failure::Status(status)),
+            Err(status) => return Err(status.into()),
         }
     }
 }
@@ -574,7 +574,7 @@ pub async fn health(context: &Context, service: &str) -> Result<Outcome, Failure
                 "no health status for service {service:?}"
             ))));
         }
-        Err(status) => return Err(Failure::Status(status)),
+        Err(status) => return Err(status.into()),
     };
     let status = ServingStatus::try_from(response.status).unwrap_or(ServingStatus::Unknown);
     if context.json {

@@ -74,6 +74,22 @@ pub enum Failure {
 
 impl From<Status> for Failure {
     fn from(status: Status) -> Self {
+        // A status the client's own transport made up (a TLS alert such as a refused client
+        // certificate, a broken connection): the daemon decided nothing, so it is the
+        // unreachable case, with the transport's reasons rather than "transport error".
+        // A status the daemon sent never has a source; one made up on this side does.
+        if let Some(source) = std::error::Error::source(&status) {
+            let mut reasons: Vec<String> = Vec::new();
+            let mut cause: Option<&dyn std::error::Error> = Some(source);
+            while let Some(error) = cause {
+                let text = error.to_string();
+                if !reasons.contains(&text) {
+                    reasons.push(text);
+                }
+                cause = error.source();
+            }
+            return Failure::Connect(format!("the connection failed: {}", reasons.join(": ")));
+        }
         Failure::Status(status)
     }
 }

@@ -633,7 +633,7 @@ async fn send_batch<Entry: Clone>(
             "stopped at the batch starting on line {}: {} {} stored before it, none after",
             rows[0].0, report.rows_stored, report.noun
         ));
-        return Err(Failure::Status(status));
+        return Err(status.into());
     }
     Ok(())
 }

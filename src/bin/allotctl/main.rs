@@ -36,7 +36,7 @@ const ORDERS_LIST_LEN_DEFAULT: usize = 100;
 #[derive(Debug, Parser)]
 #[command(name = "allotctl", version, after_help = EXIT_CODES_HELP)]
 struct Cli {
-    /// The daemon's gRPC address: host:port or http://host:port.
+    /// The daemon's gRPC address: host:port, http://host:port or https://host:port.
     #[arg(long, env = "ALLOT_ADDR", default_value = "http://127.0.0.1:50051", global = true)]
     addr: String,
     /// Print one JSON document on stdout instead of tables (events tail: one JSON object per
@@ -51,6 +51,15 @@ struct Cli {
     /// Prefer the environment variable: a flag shows in the process list.
     #[arg(long, env = "ALLOT_TOKEN", global = true, hide_env_values = true)]
     token: Option<String>,
+    /// PEM CA certificates of the daemon's TLS certificate (turns TLS on; see `[tls]`).
+    #[arg(long, env = "ALLOT_TLS_CA", global = true)]
+    tls_ca: Option<std::path::PathBuf>,
+    /// This client's PEM certificate, for a daemon with `tls.client_ca_file` (mutual TLS).
+    #[arg(long, env = "ALLOT_TLS_CERT", global = true, requires = "tls_key")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// This client's PEM private key, with --tls-cert.
+    #[arg(long, env = "ALLOT_TLS_KEY", global = true, requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -316,7 +325,9 @@ async fn run(cli: Cli) -> Result<Outcome, Failure> {
     // when the daemon is down.
     let job = Job::prepare(cli.command)?;
     let bearer = client::Bearer::new(cli.token.as_deref())?;
-    let context = client::connect(&uri, cli.json, Duration::from_millis(cli.timeout_ms), bearer).await?;
+    let tls = client::TlsFiles { ca: cli.tls_ca, cert: cli.tls_cert, key: cli.tls_key };
+    let context =
+        client::connect(&uri, cli.json, Duration::from_millis(cli.timeout_ms), bearer, &tls).await?;
     job.run(&context).await
 }
 
