@@ -30,6 +30,7 @@ fn setup(dir: &std::path::Path) -> (Arc<Index>, std::thread::JoinHandle<()>) {
             batch_len_max: 4096,
             change_retention: 1_000_000,
             event_retention: 1_000_000,
+            disk_guard: None,
         },
         Box::new(move |changes, _events| feed.publish(changes)),
     );

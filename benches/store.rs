@@ -54,6 +54,7 @@ fn bench_group_commit(criterion: &mut Criterion) {
             batch_len_max: 65_536,
             change_retention: 1_000,
             event_retention: 1_000_000,
+            disk_guard: None,
         },
         Box::new(move |changes, _events| feed.publish(changes)),
     );

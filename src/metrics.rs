@@ -232,6 +232,20 @@ fn describe() {
     describe_gauge!("allot_commit_queue_depth", "Mutations waiting for the commit thread.");
     describe_gauge!("allot_commit_queue_capacity", "Mutations the commit queue holds before shedding.");
     describe_gauge!("allot_positions", "Stock positions (SKU x node) in the index.");
+    describe_gauge!(
+        "allot_disk_free_bytes",
+        Unit::Bytes,
+        "Free space of the data directory's file system, as last measured."
+    );
+    describe_gauge!(
+        "allot_disk_free_min_bytes",
+        Unit::Bytes,
+        "store.disk_free_min_bytes: below it every write is refused."
+    );
+    describe_gauge!(
+        "allot_disk_writes_refused",
+        "1 while writes are refused for lack of disk space, else 0."
+    );
     describe_gauge!("allot_open_reservations", "Reservations holding units (HELD or CONFIRMED).");
     describe_gauge!("allot_reservations", "Reservations in memory, terminal ones included.");
     describe_counter!("allot_reservations_expired_total", "Reservations expired by their TTL.");

@@ -26,7 +26,7 @@ use crate::index::{Index, IndexOptions};
 use crate::metrics::RpcMetrics;
 use crate::orders::OrderBook;
 use crate::proto::{self, v1};
-use crate::store::{self, Store, StoreError, StoreOptions, WalOptions};
+use crate::store::{self, DiskGuard, Store, StoreError, StoreOptions, WalOptions};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -106,6 +106,14 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Running, Sta
         .await
         .map_err(|error| StartError::Other(error.to_string()))??;
     let store = Arc::new(store);
+    // Measured once before serving: a start on a full disk refuses writes from the first one.
+    let disk_guard = Arc::new(DiskGuard::new(&config.data_dir, config.store.disk_free_min_bytes));
+    if let Err(error) = disk_guard.measure() {
+        return Err(StartError::Other(format!(
+            "measuring free space of {}: {error}",
+            config.data_dir.display()
+        )));
+    }
     let feed = Arc::new(Feed::new(config.server.watch_buffer_batches, config.server.watchers_max));
     let event_feed =
         Arc::new(EventFeed::new(config.server.watch_buffer_batches, config.orders.event_watchers_max));
@@ -119,6 +127,7 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Running, Sta
             batch_len_max: config.store.commit_batch_len_max,
             change_retention: config.store.change_retention,
             event_retention: config.store.event_retention,
+            disk_guard: Some(disk_guard.clone()),
         },
         Box::new(move |changes, events| {
             if !changes.is_empty() {
@@ -226,7 +235,9 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Running, Sta
             backorder_retry_batch_len_max: config.orders.backorder_retry_batch_len_max,
             backorder_full_pass_interval_ms: config.orders.backorder_full_pass_interval_ms,
             consistency_check_interval_ms: config.server.consistency_check_interval_ms,
+            disk_check_interval_ms: config.store.disk_check_interval_ms,
         },
+        disk_guard,
         shutdown_receiver.clone(),
     );
 

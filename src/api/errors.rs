@@ -33,7 +33,7 @@ impl From<ServiceError> for Status {
                 IndexError::NotFound(_) => Code::NotFound,
                 IndexError::FailedPrecondition(_) => Code::FailedPrecondition,
                 IndexError::AlreadyExists(_) => Code::AlreadyExists,
-                IndexError::Overloaded => Code::ResourceExhausted,
+                IndexError::Overloaded | IndexError::DiskFull(_) => Code::ResourceExhausted,
                 IndexError::Unavailable => Code::Unavailable,
             },
             ServiceError::Watch(watch) => match watch {

@@ -8,6 +8,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::api::Core;
+use crate::store::DiskGuard;
 
 /// Terminal reservations and idempotency keys forgotten per purge at most.
 const PURGE_BATCH_LEN_MAX: usize = 10_000;
@@ -28,15 +29,24 @@ pub struct BackgroundOptions {
     pub backorder_retry_batch_len_max: usize,
     pub backorder_full_pass_interval_ms: u64,
     pub consistency_check_interval_ms: u64,
+    pub disk_check_interval_ms: u64,
 }
 
 /// Starts the background tasks; they end when `stop` becomes true.
 pub fn spawn(
     core: Arc<Core>,
     options: BackgroundOptions,
+    disk_guard: Arc<DiskGuard>,
     stop: watch::Receiver<bool>,
 ) -> Vec<JoinHandle<()>> {
     let mut tasks = Vec::new();
+    // Free space of the data directory: below the minimum, writers are refused at admission
+    // (statvfs is one short system call).
+    tasks.push(every(options.disk_check_interval_ms, stop.clone(), move || {
+        if let Err(error) = disk_guard.measure() {
+            tracing::warn!(%error, "measuring the data directory's free space failed");
+        }
+    }));
     {
         let core = core.clone();
         let batch = options.expiry_batch_len_max;

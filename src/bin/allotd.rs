@@ -55,6 +55,13 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     init_logging(&flags.log_format);
+    // Fault-injection builds only (`--features failpoints`): fail points from the FAILPOINTS
+    // environment variable, e.g. FAILPOINTS=commit-before-write=return.
+    #[cfg(feature = "failpoints")]
+    let _failpoints = {
+        tracing::warn!(failpoints = ?std::env::var("FAILPOINTS").ok(), "built with fail points (testing only)");
+        fail::FailScenario::setup()
+    };
     let mut config = match &flags.config {
         Some(path) => match Config::from_file(path) {
             Ok(config) => config,

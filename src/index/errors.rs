@@ -14,6 +14,9 @@ pub enum IndexError {
     /// The commit queue is full: shed.
     #[error("the commit queue is full; retry later")]
     Overloaded,
+    /// The data directory's disk is nearly full: every write is refused until space returns.
+    #[error("{0}")]
+    DiskFull(String),
     /// The commit thread is gone (shutting down after a fatal storage error).
     #[error("the store is not accepting writes")]
     Unavailable,

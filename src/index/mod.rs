@@ -40,7 +40,7 @@ use crate::store::keys::{self, IdemNamespace};
 use crate::store::records::{
     self, IdempotencyRecord, Kind, NodeRecord, PositionRecord, PositionViewRecord, ReservationRecord,
 };
-use crate::store::{Cf, Mutation, Recovered, Slot, WalHandle};
+use crate::store::{Cf, Mutation, Recovered, Refused, Slot, WalHandle};
 use expiry::ExpiryQueue;
 use shard::{Shard, SkuStock};
 
@@ -365,7 +365,10 @@ impl Index {
     }
 
     fn slot(&self) -> Result<Slot<'_>, IndexError> {
-        self.wal.try_slot().map_err(|_| IndexError::Overloaded)
+        self.wal.try_slot().map_err(|refused| match refused {
+            Refused::QueueFull => IndexError::Overloaded,
+            Refused::DiskLow(low) => IndexError::DiskFull(low.to_string()),
+        })
     }
 
     /// Looks up an idempotency key while the caller holds the shard locks of its request: a
@@ -997,8 +1000,8 @@ impl Index {
                         expired += 1;
                     }
                 }
-                Err(IndexError::Overloaded) => {
-                    // Try again on the next sweep.
+                Err(IndexError::Overloaded | IndexError::DiskFull(_)) => {
+                    // Try again on the next sweep (or once disk space returns).
                     if let Some(expires_at_ms) = self.reservation(id).and_then(|r| r.expires_at_ms) {
                         self.expiry.push(id, expires_at_ms);
                     }

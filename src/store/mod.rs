@@ -3,6 +3,7 @@
 //! Owns every RocksDB call of the crate. May import `domain` and `clock`; must not import
 //! `index`, `api` or protobuf service types.
 
+pub mod disk;
 pub mod errors;
 pub mod keys;
 pub mod order_records;
@@ -10,9 +11,10 @@ pub mod records;
 pub mod rocks;
 pub mod wal;
 
+pub use disk::{DiskGuard, DiskLow};
 pub use errors::StoreError;
 pub use rocks::{Recovered, RecoveredOrders, Store, StoreOptions};
-pub use wal::{Durability, Mutation, Op, Slot, WalHandle, WalOptions};
+pub use wal::{Durability, Mutation, Op, Refused, Slot, WalHandle, WalOptions};
 
 /// The column families, each holding one kind of record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

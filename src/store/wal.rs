@@ -17,6 +17,7 @@ use rocksdb::{WriteBatch, WriteOptions};
 use tokio::sync::oneshot;
 
 use super::Cf;
+use super::disk::{DiskGuard, DiskLow};
 use super::keys;
 use super::records::{self, AuditRecord, ChangeRecord, CounterRecord, Kind};
 use super::rocks::Store;
@@ -42,6 +43,8 @@ pub struct WalOptions {
     pub change_retention: u64,
     /// Events kept on disk for WatchEvents and order histories.
     pub event_retention: u64,
+    /// Refuses writers while the data directory's disk is nearly full; None = no guard.
+    pub disk_guard: Option<Arc<DiskGuard>>,
 }
 
 pub enum Op {
@@ -96,6 +99,7 @@ pub struct WalHandle {
     last_sequence: Arc<AtomicU64>,
     /// The last event sequence made durable (and published).
     last_event_sequence: Arc<AtomicU64>,
+    disk_guard: Option<Arc<DiskGuard>>,
 }
 
 /// A reserved place in the commit queue; dropping it unused gives the place back.
@@ -112,17 +116,26 @@ impl Drop for Slot<'_> {
     }
 }
 
-/// The commit queue is full: shed the request.
+/// Why a writer got no slot; nothing has changed yet in either case.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct QueueFull;
+pub enum Refused {
+    /// The commit queue is full: shed the request.
+    QueueFull,
+    /// The disk is nearly full: refuse until space returns.
+    DiskLow(DiskLow),
+}
 
 impl WalHandle {
-    pub fn try_slot(&self) -> Result<Slot<'_>, QueueFull> {
+    pub fn try_slot(&self) -> Result<Slot<'_>, Refused> {
+        if let Some(low) = self.disk_guard.as_ref().and_then(|guard| guard.refusal()) {
+            metrics::counter!("allot_shed_requests_total", "reason" => "disk_space").increment(1);
+            return Err(Refused::DiskLow(low));
+        }
         let before = self.queued.fetch_add(1, Ordering::AcqRel);
         if before >= self.queue_len_max {
             self.queued.fetch_sub(1, Ordering::AcqRel);
             metrics::counter!("allot_shed_requests_total", "reason" => "commit_queue").increment(1);
-            return Err(QueueFull);
+            return Err(Refused::QueueFull);
         }
         Ok(Slot { queued: &self.queued, used: false })
     }
@@ -174,6 +187,7 @@ pub fn start(
         queue_len_max: options.queue_len_max,
         last_sequence: last_sequence.clone(),
         last_event_sequence: last_event_sequence.clone(),
+        disk_guard: options.disk_guard.clone(),
     };
     let thread = std::thread::Builder::new()
         .name("allot-commit".into())
@@ -297,9 +311,14 @@ fn commit_loop(
             reservation_id_written = reservation_id_high;
         }
         let started = Instant::now();
+        // Fault injection (compiled in only with the `failpoints` feature): a failed append,
+        // and a batch appended but whose fsync failed. Both stop the daemon unacknowledged,
+        // exactly like a real failure of write_opt.
+        fail::fail_point!("commit-before-write", |_| fatal("injected: appending a batch failed"));
         if let Err(error) = store.db().write_opt(write_batch, &write_options) {
             fatal(&format!("the write-ahead store failed to write and fsync a batch: {error}"));
         }
+        fail::fail_point!("commit-after-write", |_| fatal("injected: the fsync of an appended batch failed"));
         metrics::histogram!("allot_commit_fsync_seconds").record(started.elapsed().as_secs_f64());
         metrics::histogram!("allot_commit_batch_mutations").record(batch.len() as f64);
         last_sequence.store(sequence, Ordering::Release);

@@ -51,14 +51,27 @@ impl Daemon {
     /// know alone), so a restart with the same text finds the same configuration; the flags
     /// still set the data directory and the ports.
     pub fn start_with_config(data_dir: &Path, config_toml: &str) -> Daemon {
+        Daemon::start_with_env(data_dir, config_toml, &[])
+    }
+
+    /// Like `start_with_config`, with extra environment variables (e.g. FAILPOINTS).
+    pub fn start_with_env(data_dir: &Path, config_toml: &str, env: &[(&str, &str)]) -> Daemon {
         std::fs::create_dir_all(data_dir).expect("creating the data directory");
         let config_path = data_dir.join("allotd-test.toml");
         std::fs::write(&config_path, config_toml).expect("writing the test configuration");
-        Daemon::spawn(data_dir, Some(&config_path))
+        Daemon::spawn_with(data_dir, Some(&config_path), env)
     }
 
     fn spawn(data_dir: &Path, config_path: Option<&Path>) -> Daemon {
+        Daemon::spawn_with(data_dir, config_path, &[])
+    }
+
+    fn spawn_with(data_dir: &Path, config_path: Option<&Path>, env: &[(&str, &str)]) -> Daemon {
         let mut command = Command::new(env!("CARGO_BIN_EXE_allotd"));
+        command.env_remove("FAILPOINTS");
+        for (key, value) in env {
+            command.env(key, value);
+        }
         if let Some(config_path) = config_path {
             command.arg("--config").arg(config_path);
         }
@@ -141,6 +154,23 @@ impl Daemon {
                     "allotd (pid {pid}) did not exit within {TERMINATE_TIMEOUT:?} of SIGTERM; its log:\n{}",
                     self.log()
                 );
+            }
+            std::thread::sleep(POLL_INTERVAL);
+        }
+    }
+
+    /// Waits for the daemon to exit on its own (a fatal error); None if it still runs after
+    /// `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("polling allotd") {
+                // The draining thread may still be recording the last lines.
+                std::thread::sleep(Duration::from_millis(100));
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
             }
             std::thread::sleep(POLL_INTERVAL);
         }

@@ -38,6 +38,7 @@ impl Engine {
                 batch_len_max: 512,
                 change_retention: 100_000,
                 event_retention: 1_000_000,
+                disk_guard: None,
             },
             Box::new(move |changes, _events| feed.publish(changes)),
         );
