@@ -26,6 +26,7 @@ pub enum Rpc {
     AdjustStock,
     GetAvailability,
     Reserve,
+    ReserveBatch,
     ConfirmReservation,
     ExtendReservation,
     ReleaseReservation,
@@ -52,13 +53,14 @@ pub enum Rpc {
 }
 
 impl Rpc {
-    pub const ALL: [Rpc; 29] = [
+    pub const ALL: [Rpc; 30] = [
         Rpc::UpsertNodes,
         Rpc::ListNodes,
         Rpc::SetStock,
         Rpc::AdjustStock,
         Rpc::GetAvailability,
         Rpc::Reserve,
+        Rpc::ReserveBatch,
         Rpc::ConfirmReservation,
         Rpc::ExtendReservation,
         Rpc::ReleaseReservation,
@@ -92,6 +94,7 @@ impl Rpc {
             Rpc::AdjustStock => "AdjustStock",
             Rpc::GetAvailability => "GetAvailability",
             Rpc::Reserve => "Reserve",
+            Rpc::ReserveBatch => "ReserveBatch",
             Rpc::ConfirmReservation => "ConfirmReservation",
             Rpc::ExtendReservation => "ExtendReservation",
             Rpc::ReleaseReservation => "ReleaseReservation",

@@ -1612,3 +1612,84 @@ async fn every_service_is_served() {
     drop(fulfilment);
     daemon.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reserve_batch_gives_each_item_its_own_outcome() {
+    // Goal: ReserveBatch answers every item exactly as Reserve would have, in request order,
+    // with one item's shortfall or error leaving the others alone; replays and key conflicts
+    // work per item, also across a restart; the call itself refuses no items or too many.
+    // Method: one batch mixing every kind of item, then the position, the reservations and a
+    // replay of the whole batch after a restart.
+    let mut daemon = Daemon::start().await;
+    upsert(&mut daemon.client, vec![node("DC-1", 10.0, 10.0)]).await;
+    set_stock(&mut daemon.client, vec![stock("SKU-A", "DC-1", 10), stock("SKU-B", "DC-1", 1)]).await;
+    let items = vec![
+        reserve_request("b-ok", vec![line("SKU-A", "DC-1", 4)], 0),
+        reserve_request("b-short", vec![line("SKU-A", "DC-1", 1), line("SKU-B", "DC-1", 2)], 0),
+        reserve_request("b-bad", vec![line("SKU-A", "DC-1", 0)], 0),
+        reserve_request("b-ok", vec![line("SKU-A", "DC-1", 4)], 0),
+        reserve_request("b-ok", vec![line("SKU-A", "DC-1", 5)], 0),
+        reserve_request("b-ttl", vec![line("SKU-A", "DC-1", 3)], 60_000),
+        reserve_request("b-ghost", vec![line("SKU-A", "DC-404", 1)], 0),
+    ];
+    let request = v1::ReserveBatchRequest { items: items.clone() };
+    let answers = daemon.client.reserve_batch(request.clone()).await.unwrap().into_inner().items;
+    use v1::reserve_batch_response::item::Result as Item;
+    let outcome =
+        |index: usize| answers[index].result.clone().unwrap_or_else(|| panic!("item {index}: no result"));
+    let reserved = |index: usize| match outcome(index) {
+        Item::Response(response) if response.status == ReserveStatus::Reserved as i32 => response,
+        other => panic!("item {index}: {other:?}"),
+    };
+    let error = |index: usize, code: Code, names: &str| match outcome(index) {
+        Item::Error(error) => {
+            assert_eq!(error.code, code as i32, "item {index}: {}", error.message);
+            assert!(error.message.contains(names), "item {index}: {}", error.message);
+        }
+        other => panic!("item {index}: expected {code:?}, got {other:?}"),
+    };
+    assert_eq!(answers.len(), items.len());
+    let first = reserved(0);
+    match outcome(1) {
+        Item::Response(response) => {
+            assert_eq!(response.status, ReserveStatus::Insufficient as i32);
+            assert_eq!(response.shortfalls.len(), 1, "{response:?}");
+            assert_eq!(response.shortfalls[0].sku, "SKU-B");
+        }
+        other => panic!("item 1: {other:?}"),
+    }
+    error(2, Code::InvalidArgument, "qty");
+    assert_eq!(reserved(3).reservation_id, first.reservation_id, "a replay within the batch");
+    error(4, Code::AlreadyExists, "idempotency_key");
+    let with_ttl = reserved(5);
+    assert!(with_ttl.expires_at.is_some());
+    error(6, Code::InvalidArgument, "DC-404");
+    // Only items 0 and 5 hold stock: 4 + 3.
+    let held = position(&mut daemon.client, "SKU-A", "DC-1").await;
+    assert_eq!((held.on_hand, held.reserved), (10, 7));
+    assert_eq!(position(&mut daemon.client, "SKU-B", "DC-1").await.reserved, 0);
+
+    // The call's own errors.
+    let empty = daemon.client.reserve_batch(v1::ReserveBatchRequest { items: Vec::new() }).await;
+    expect_error("empty batch", empty, Code::InvalidArgument, "items");
+    let many = vec![reserve_request("x", vec![line("SKU-A", "DC-1", 1)], 0); 1_001];
+    let too_many = daemon.client.reserve_batch(v1::ReserveBatchRequest { items: many }).await;
+    expect_error("1,001 items", too_many, Code::InvalidArgument, "items");
+    assert_eq!(position(&mut daemon.client, "SKU-A", "DC-1").await.reserved, 7);
+
+    // After a restart the same batch replays item by item: nothing is held twice.
+    let dir = daemon.stop_keeping_data().await;
+    let mut daemon = Daemon::start_in(dir, |_| {}, Arc::new(SystemClock)).await;
+    let replay = daemon.client.reserve_batch(request).await.unwrap().into_inner().items;
+    match (&replay[0].result, &replay[5].result) {
+        (Some(Item::Response(zero)), Some(Item::Response(five))) => {
+            assert_eq!(zero.reservation_id, first.reservation_id);
+            assert_eq!(five.reservation_id, with_ttl.reservation_id);
+        }
+        other => panic!("replay: {other:?}"),
+    }
+    assert_eq!(position(&mut daemon.client, "SKU-A", "DC-1").await.reserved, 7);
+    let stored = get_reservation(&mut daemon.client, &first.reservation_id).await;
+    assert_eq!(stored.status, ReservationStatus::Held as i32);
+    daemon.stop().await;
+}
