@@ -43,6 +43,15 @@ impl Cf {
         Cf::Returns,
     ];
 
+    /// Column families read only by recovery, never while serving (the index has them in
+    /// memory); the others are read by idempotent replays, order histories and feeds.
+    pub fn read_only_at_start_up(self) -> bool {
+        matches!(
+            self,
+            Cf::Nodes | Cf::Positions | Cf::Reservations | Cf::Orders | Cf::Fulfilment | Cf::Returns
+        )
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Cf::Nodes => "nodes",
