@@ -42,6 +42,44 @@ pub enum StartError {
     Other(String),
 }
 
+/// The accepted gRPC connections, with TCP_NODELAY. tonic's own accept loop retries a failing
+/// accept at once, so a daemon out of file descriptors (EMFILE) would spin a core; here a
+/// failed accept waits before the next try, and the established connections go on.
+fn accepted(
+    listener: TcpListener,
+    mut stop: watch::Receiver<bool>,
+) -> tokio_stream::wrappers::ReceiverStream<Result<tokio::net::TcpStream, std::io::Error>> {
+    const ACCEPT_RETRY_DELAY: Duration = Duration::from_millis(50);
+    let (sender, receiver) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(async move {
+        let mut failures = 0u64;
+        loop {
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                _ = stop.wait_for(|stop| *stop) => return,
+            };
+            match accepted {
+                Ok((stream, _)) => {
+                    let _ = stream.set_nodelay(true);
+                    if sender.send(Ok(stream)).await.is_err() {
+                        return;
+                    }
+                }
+                Err(error) => {
+                    metrics::counter!("allot_accept_errors_total").increment(1);
+                    // Once per burst, not once per try.
+                    if failures.is_multiple_of(100) {
+                        tracing::warn!(%error, "accepting a connection failed; retrying in 50 ms");
+                    }
+                    failures += 1;
+                    tokio::time::sleep(ACCEPT_RETRY_DELAY).await;
+                }
+            }
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(receiver)
+}
+
 /// The rustls server configuration of `[tls]`, or None for plaintext. Reads the PEM files.
 fn tls_config(tls: &crate::config::TlsConfig) -> Result<Option<ServerTlsConfig>, StartError> {
     let (Some(cert_file), Some(key_file)) = (&tls.cert_file, &tls.key_file) else {
@@ -101,6 +139,20 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Running, Sta
         tracing::warn!(listen = %config.listen, "gRPC is plaintext on a non-loopback address: configure [tls]");
     }
     let data_dir = config.data_dir.clone();
+    // The ports first: a taken port fails the start before the store is opened (a failed
+    // start must not leave RocksDB's threads running while the process exits).
+    let grpc_listener = TcpListener::bind(config.listen).await.map_err(|source| StartError::Bind {
+        what: "gRPC",
+        address: config.listen,
+        source,
+    })?;
+    let grpc_address = grpc_listener.local_addr().map_err(|error| StartError::Other(error.to_string()))?;
+    let metrics_listener = TcpListener::bind(config.metrics_listen)
+        .await
+        .map_err(|source| StartError::Bind { what: "metrics", address: config.metrics_listen, source })?;
+    let metrics_address =
+        metrics_listener.local_addr().map_err(|error| StartError::Other(error.to_string()))?;
+
     let store_options = StoreOptions { write_buffer_bytes: config.store.write_buffer_bytes };
     let (store, recovered) = tokio::task::spawn_blocking(move || Store::open(&data_dir, &store_options))
         .await
@@ -162,18 +214,6 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Running, Sta
         rpc_metrics: RpcMetrics::new(),
         watch_out_len_max: config.server.watch_out_len_max,
     });
-
-    let grpc_listener = TcpListener::bind(config.listen).await.map_err(|source| StartError::Bind {
-        what: "gRPC",
-        address: config.listen,
-        source,
-    })?;
-    let grpc_address = grpc_listener.local_addr().map_err(|error| StartError::Other(error.to_string()))?;
-    let metrics_listener = TcpListener::bind(config.metrics_listen)
-        .await
-        .map_err(|source| StartError::Bind { what: "metrics", address: config.metrics_listen, source })?;
-    let metrics_address =
-        metrics_listener.local_addr().map_err(|error| StartError::Other(error.to_string()))?;
 
     let (shutdown, shutdown_receiver) = watch::channel(false);
     let metrics_task = {
@@ -274,10 +314,7 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Running, Sta
         // TCP_NODELAY on every accepted connection: a response written in more than one segment
         // would otherwise wait for the client's delayed ACK (40 ms). (The builder's own
         // tcp_nodelay applies only when tonic binds the listener itself.)
-        .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true)),
-            serve_signal,
-        );
+        .serve_with_incoming_shutdown(accepted(grpc_listener, shutdown_receiver.clone()), serve_signal);
 
     tracing::info!(
         grpc = %grpc_address,

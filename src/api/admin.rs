@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
-use super::convert::{invalid, timestamp};
+use super::convert::{invalid, quoted, timestamp};
 use super::{Core, ServiceError};
 use crate::index::IndexError;
 use crate::metrics::Rpc;
@@ -32,14 +32,20 @@ fn backup_dir(raw: &str) -> Result<PathBuf, ServiceError> {
     }
     let dir = PathBuf::from(raw);
     if !dir.is_absolute() {
-        return Err(invalid(format!("dir: {raw:?} is not absolute (it is a path on the daemon's machine)")));
+        return Err(invalid(format!(
+            "dir: {} is not absolute (it is a path on the daemon's machine)",
+            quoted(raw)
+        )));
     }
     if dir.exists() {
-        return Err(invalid(format!("dir: {raw:?} already exists; a backup goes into a new directory")));
+        return Err(invalid(format!(
+            "dir: {} already exists; a backup goes into a new directory",
+            quoted(raw)
+        )));
     }
     match dir.parent() {
         Some(parent) if parent.is_dir() => Ok(dir),
-        _ => Err(invalid(format!("dir: the parent of {raw:?} is not an existing directory"))),
+        _ => Err(invalid(format!("dir: the parent of {} is not an existing directory", quoted(raw)))),
     }
 }
 

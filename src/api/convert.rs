@@ -7,6 +7,16 @@ use crate::domain::IdError;
 use super::ServiceError;
 
 /// Parses an id; `field` names where it was ("lines[2].sku").
+/// A client's text quoted in an error message, cut to its first 64 characters: the message
+/// travels as a header (grpc-message), and a megabyte of garbage must not come back in it.
+pub fn quoted(raw: &str) -> String {
+    const SHOWN_CHARS_MAX: usize = 64;
+    match raw.char_indices().nth(SHOWN_CHARS_MAX) {
+        None => format!("{raw:?}"),
+        Some((end, _)) => format!("{:?}... ({} bytes)", &raw[..end], raw.len()),
+    }
+}
+
 pub fn id<T>(
     parse: fn(&str) -> Result<T, IdError>,
     raw: &str,

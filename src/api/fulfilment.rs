@@ -7,7 +7,7 @@ use std::sync::Arc;
 use prost::Message;
 use tonic::{Request, Response, Status};
 
-use super::convert::{self, count, id, invalid, timestamp};
+use super::convert::{self, count, id, invalid, quoted, timestamp};
 use super::orders::{address_to_wire, customer_to_wire, method_to_wire, parse_order_id};
 use super::{Core, ServiceError};
 use crate::domain::{
@@ -38,7 +38,7 @@ fn parse_fulfilment_id(raw: &str) -> Result<FulfilmentOrderId, ServiceError> {
         return Err(invalid("fulfilment_order_id: must not be empty"));
     }
     FulfilmentOrderId::parse(raw).ok_or_else(|| {
-        invalid(format!("fulfilment_order_id: {raw:?} is not a fulfilment order id (fo-<number>)"))
+        invalid(format!("fulfilment_order_id: {} is not a fulfilment order id (fo-<number>)", quoted(raw)))
     })
 }
 
@@ -47,7 +47,7 @@ fn parse_return_id(raw: &str) -> Result<ReturnId, ServiceError> {
         return Err(invalid("return_id: must not be empty"));
     }
     ReturnId::parse(raw)
-        .ok_or_else(|| invalid(format!("return_id: {raw:?} is not a return id (ret-<number>)")))
+        .ok_or_else(|| invalid(format!("return_id: {} is not a return id (ret-<number>)", quoted(raw))))
 }
 
 /// An optional idempotency key: empty = none.

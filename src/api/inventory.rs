@@ -9,7 +9,7 @@ use std::sync::Arc;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
-use super::convert::{self, count, id, invalid, optional_id, timestamp};
+use super::convert::{self, count, id, invalid, optional_id, quoted, timestamp};
 use super::{Core, ServiceError};
 use crate::domain::{
     AdjustStockCommand, Channel, IdempotencyKey, Node, NodeId, NodeType, PositionView, Reservation,
@@ -412,8 +412,9 @@ fn parse_reservation_id(raw: &str) -> Result<ReservationId, ServiceError> {
     if raw.is_empty() {
         return Err(invalid("reservation_id: must not be empty"));
     }
-    ReservationId::parse(raw)
-        .ok_or_else(|| invalid(format!("reservation_id: {raw:?} is not a reservation id (rsv-<number>)")))
+    ReservationId::parse(raw).ok_or_else(|| {
+        invalid(format!("reservation_id: {} is not a reservation id (rsv-<number>)", quoted(raw)))
+    })
 }
 
 fn not_found(id: ReservationId) -> ServiceError {

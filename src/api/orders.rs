@@ -10,7 +10,7 @@ use prost::Message;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
-use super::convert::{self, count, id, invalid, optional_id, timestamp};
+use super::convert::{self, count, id, invalid, optional_id, quoted, timestamp};
 use super::routing::reason_to_wire;
 use super::{Core, ServiceError};
 use crate::domain::{
@@ -51,7 +51,8 @@ pub fn parse_order_id(raw: &str, field: &str) -> Result<OrderId, ServiceError> {
     if raw.is_empty() {
         return Err(invalid(format!("{field}: must not be empty")));
     }
-    OrderId::parse(raw).ok_or_else(|| invalid(format!("{field}: {raw:?} is not an order id (ord-<number>)")))
+    OrderId::parse(raw)
+        .ok_or_else(|| invalid(format!("{field}: {} is not an order id (ord-<number>)", quoted(raw))))
 }
 
 fn money(field: &str, value: i64) -> Result<i64, ServiceError> {
@@ -424,7 +425,8 @@ impl v1::orders_server::Orders for OrdersApi {
                 });
                 if !well_formed || event_type.len() > 64 {
                     return Err(invalid(format!(
-                        "types[{index}]: {event_type:?} is not an event type (\"<entity>.<change>\", lower case)"
+                        "types[{index}]: {} is not an event type (\"<entity>.<change>\", lower case)",
+                        quoted(event_type)
                     )));
                 }
             }

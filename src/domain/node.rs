@@ -2,6 +2,10 @@
 
 use super::ids::{Channel, NodeId};
 
+/// The largest magnitude of a node's counts, costs and priority (the default quantity limit):
+/// far from i64 overflow in ATP, capacity and cost arithmetic.
+pub const NODE_NUMBER_MAX: i64 = 1_000_000_000_000;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NodeType {
     Warehouse,
@@ -66,7 +70,12 @@ impl Node {
         for (field, value) in non_negative {
             if value < 0 {
                 problems.push(format!("{field} must not be negative (got {value})"));
+            } else if value > NODE_NUMBER_MAX {
+                problems.push(format!("{field} must be at most {NODE_NUMBER_MAX} (got {value})"));
             }
+        }
+        if !(-NODE_NUMBER_MAX..=NODE_NUMBER_MAX).contains(&self.priority) {
+            problems.push(format!("priority must be within ±{NODE_NUMBER_MAX} (got {})", self.priority));
         }
         problems
     }

@@ -22,7 +22,8 @@ impl Position {
         if !node.enabled {
             return 0;
         }
-        (self.on_hand - self.reserved - self.effective_safety_stock(node)).max(0)
+        // Saturating: a corrupt or extreme value must not wrap into a huge ATP.
+        self.on_hand.saturating_sub(self.reserved).saturating_sub(self.effective_safety_stock(node)).max(0)
     }
 }
 

@@ -13,8 +13,13 @@ use super::feed::WatchError;
 use crate::domain::AuditEvent;
 use crate::store::{Store, WalHandle};
 
-/// Events read from the store per page while replaying.
-const REPLAY_PAGE_LEN: usize = 1_024;
+/// Events read from the store per page while replaying. Small: each unread consumer holds a
+/// page plus its channel (with 1,024 pages and channels of 1,024, a thousand consumers that
+/// never read held 1.4 GiB).
+const REPLAY_PAGE_LEN: usize = 128;
+/// Events queued towards one consumer at most (below `server.watch_out_len_max` when that is
+/// larger: events are bigger than availability changes).
+const EVENT_OUT_LEN_MAX: usize = 128;
 
 /// The live side: batches of durable events in sequence order.
 pub struct EventFeed {
@@ -80,7 +85,7 @@ pub fn watch_events(
     // Subscribe before reading, so no event falls between the replay and the live feed.
     let mut live = feed.sender.subscribe();
     let mut closed = feed.closed.subscribe();
-    let (sender, receiver) = mpsc::channel(out_len_max.max(1));
+    let (sender, receiver) = mpsc::channel(out_len_max.clamp(1, EVENT_OUT_LEN_MAX));
     let types: HashSet<String> = types.into_iter().collect();
     let wanted = move |event: &AuditEvent| types.is_empty() || types.contains(&event.event_type);
     tokio::spawn(async move {

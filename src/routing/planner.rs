@@ -15,6 +15,8 @@
 //! as its quality bound (cost − lower_bound is at most the gap to the optimum).
 //! Pure: no locks, no I/O, no clocks. HOT PATH: allocation-light, no logging.
 
+use std::cmp::Reverse;
+
 /// What the planner minimises, compared field by field in this order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Objective {
@@ -83,8 +85,8 @@ pub struct Plan {
 #[derive(Clone)]
 struct Best {
     objective: Objective,
-    /// (−priority, order) of the nodes that ship, sorted: the tie-break key.
-    tie_key: Vec<(i64, usize)>,
+    /// (higher priority first, order) of the nodes that ship, sorted: the tie-break key.
+    tie_key: Vec<(Reverse<i64>, usize)>,
     /// The nodes that ship.
     set: Vec<usize>,
 }
@@ -120,12 +122,12 @@ pub fn plan(demand: &[i64], candidates: &[Candidate], options: PlanOptions) -> P
     let mut by_fixed: Vec<usize> = (0..candidates.len()).collect();
     by_fixed.sort_by_key(|index| {
         let candidate = &candidates[*index];
-        (candidate.fixed_cost, -candidate.priority, candidate.order)
+        (candidate.fixed_cost, Reverse(candidate.priority), candidate.order)
     });
     let mut by_unit: Vec<usize> = (0..candidates.len()).collect();
     by_unit.sort_by_key(|index| {
         let candidate = &candidates[*index];
-        (candidate.cost_per_unit, -candidate.priority, candidate.order)
+        (candidate.cost_per_unit, Reverse(candidate.priority), candidate.order)
     });
     let mut unit_rank = vec![0; candidates.len()];
     for (rank, index) in by_unit.iter().enumerate() {
@@ -273,11 +275,12 @@ impl Search<'_> {
         }
     }
 
-    fn tie_key(&self) -> Vec<(i64, usize)> {
-        let mut key: Vec<(i64, usize)> = self
+    fn tie_key(&self) -> Vec<(Reverse<i64>, usize)> {
+        // Reverse, not negation: -i64::MIN overflows.
+        let mut key: Vec<(Reverse<i64>, usize)> = self
             .scratch_shipping
             .iter()
-            .map(|index| (-self.candidates[*index].priority, self.candidates[*index].order))
+            .map(|index| (Reverse(self.candidates[*index].priority), self.candidates[*index].order))
             .collect();
         key.sort_unstable();
         key
