@@ -106,6 +106,11 @@ fn main() -> ExitCode {
                 return ExitCode::from(1);
             }
         };
+        // Recovery built the state from large temporary vectors; hand the pages they used back
+        // to the system now instead of keeping them in the allocator's free lists (about
+        // 200 MB with 10M positions and 1M reservations).
+        // SAFETY: mi_collect only walks mimalloc's own heaps; any thread may call it any time.
+        unsafe { libmimalloc_sys::mi_collect(true) };
         let trigger = running.shutdown_trigger();
         tokio::spawn(async move {
             wait_for_signal().await;

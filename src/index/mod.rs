@@ -270,12 +270,20 @@ impl Index {
             options,
         };
         let table = index.nodes.load_full();
-        for (sku, node_id, position) in recovered.positions {
-            let shard_index = index.shard_of(&sku);
-            let node_id = table.shared_id(&node_id);
-            index.shards[shard_index].lock().stock_mut(&sku).set(&node_id, position);
-            index.position_count.fetch_add(1, Ordering::Relaxed);
+        // Each SKU's positions arrive sorted by node id, as SkuStock keeps them: the group moves
+        // in as it is (its node ids swapped for the node table's shared ones).
+        let per_shard = recovered.positions.len() / index.shards.len() + 1;
+        for shard in &index.shards {
+            shard.lock().skus.reserve(per_shard);
         }
+        for (sku, mut group) in recovered.positions {
+            for (node_id, _) in &mut group {
+                *node_id = table.shared_id(node_id);
+            }
+            let shard_index = index.shard_of(&sku);
+            index.shards[shard_index].lock().skus.insert(sku, SkuStock::from_sorted(group));
+        }
+        index.position_count.store(recovered.position_count as i64, Ordering::Relaxed);
         let today = index.options.rules.capacity_day(index.clock.now_ms());
         for reservation in recovered.reservations {
             if reservation.capacity_day == Some(today) && allocate::counts_capacity(reservation.status) {

@@ -30,6 +30,12 @@ pub struct SkuStock {
 }
 
 impl SkuStock {
+    /// A SKU's positions already sorted by node id, without duplicates (as recovery reads them).
+    pub fn from_sorted(nodes: Vec<(NodeId, Position)>) -> Self {
+        debug_assert!(nodes.windows(2).all(|pair| pair[0].0 < pair[1].0));
+        Self { nodes }
+    }
+
     pub fn get(&self, node_id: &NodeId) -> Option<&Position> {
         self.nodes.binary_search_by(|(id, _)| id.cmp(node_id)).ok().map(|index| &self.nodes[index].1)
     }

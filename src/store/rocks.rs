@@ -51,7 +51,11 @@ pub struct Store {
 #[derive(Default)]
 pub struct Recovered {
     pub nodes: Vec<Node>,
-    pub positions: Vec<(Sku, NodeId, Position)>,
+    /// Every position, grouped by SKU, each group sorted by node id (the key order): the
+    /// groups move into the index as they are, without copying.
+    pub positions: Vec<(Sku, Vec<(NodeId, Position)>)>,
+    /// How many positions `positions` holds.
+    pub position_count: usize,
     pub reservations: Vec<Reservation>,
     pub idempotency: Vec<(IdemNamespace, String, IdempotencyRecord)>,
     /// One past the highest reservation id ever allocated.
@@ -270,19 +274,15 @@ impl Store {
             .ok()
             .flatten()
             .unwrap_or(0);
-        recovered.positions.reserve(usize::try_from(estimate).unwrap_or(0));
+        let node_count = recovered.nodes.len().max(1);
+        recovered.positions.reserve(usize::try_from(estimate).unwrap_or(0) / node_count);
         let mut node_ids: std::collections::HashMap<String, NodeId> = std::collections::HashMap::new();
-        let mut last_sku: Option<Sku> = None;
+        let positions = &mut recovered.positions;
+        let mut count = 0usize;
         self.for_each(Cf::Positions, |key, value| {
             let record: PositionRecord = decode(Cf::Positions, key, Kind::Position, value)?;
             let (sku, node) = keys::split_position(key)
                 .ok_or_else(|| corrupt(Cf::Positions, key, DecodeError::Field("key".into())))?;
-            let sku = match &last_sku {
-                Some(last) if last.as_str() == sku => last.clone(),
-                _ => Sku::parse(sku)
-                    .map_err(|error| corrupt(Cf::Positions, key, DecodeError::Field(error.to_string())))?,
-            };
-            last_sku = Some(sku.clone());
             let node = match node_ids.get(node) {
                 Some(node) => node.clone(),
                 None => {
@@ -293,9 +293,27 @@ impl Store {
                     parsed
                 }
             };
-            recovered.positions.push((sku, node, record.into_position()));
+            match positions.last_mut() {
+                Some((last, group)) if last.as_str() == sku => group.push((node, record.into_position())),
+                _ => {
+                    if let Some((_, group)) = positions.last_mut() {
+                        group.shrink_to_fit();
+                    }
+                    let sku = Sku::parse(sku).map_err(|error| {
+                        corrupt(Cf::Positions, key, DecodeError::Field(error.to_string()))
+                    })?;
+                    let mut group = Vec::with_capacity(node_count.min(8));
+                    group.push((node, record.into_position()));
+                    positions.push((sku, group));
+                }
+            }
+            count += 1;
             Ok(())
         })?;
+        if let Some((_, group)) = recovered.positions.last_mut() {
+            group.shrink_to_fit();
+        }
+        recovered.position_count = count;
         let mut highest_id = 0;
         self.for_each(Cf::Reservations, |key, value| {
             let record: ReservationRecord = decode(Cf::Reservations, key, Kind::Reservation, value)?;
@@ -375,7 +393,7 @@ impl Store {
         recovered.last_sequence = last_sequence;
         tracing::info!(
             nodes = recovered.nodes.len(),
-            positions = recovered.positions.len(),
+            positions = recovered.position_count,
             reservations = recovered.reservations.len(),
             orders = recovered.orders.orders.len(),
             idempotency_keys = recovered.idempotency.len(),
