@@ -245,6 +245,14 @@ fn describe() {
         Unit::Bytes,
         "store.disk_free_min_bytes: below it every write is refused."
     );
+    describe_counter!(
+        "allot_accept_errors_total",
+        "Failed accepts on the gRPC port (e.g. out of file descriptors); each waits 50 ms."
+    );
+    describe_counter!(
+        "allot_large_requests_total",
+        "Requests of 256 KiB or more; they are decoded and handled one at a time."
+    );
     describe_gauge!(
         "allot_disk_writes_refused",
         "1 while writes are refused for lack of disk space, else 0."

@@ -303,6 +303,7 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Running, Sta
         .tcp_nodelay(true)
         .layer(tower::util::MapResponseLayer::new(crate::api::oversize::remap_oversize))
         .layer(crate::api::auth::AuthLayer::new(crate::api::auth::Auth::from_config(&config.auth)))
+        .layer(crate::api::large::LargeRequestLayer::new(message_bytes_max))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

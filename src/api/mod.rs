@@ -9,6 +9,7 @@ pub mod convert;
 pub mod errors;
 pub mod fulfilment;
 pub mod inventory;
+pub mod large;
 pub mod orders;
 pub mod oversize;
 pub mod routing;
