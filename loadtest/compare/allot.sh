@@ -59,19 +59,12 @@ LOAD="$BIN_DIR/allot-load"
 LOAD_HELP="$("$LOAD" --help 2>&1)"
 has_flag() { grep -q -- "$1" <<<"$LOAD_HELP"; }
 
-SCRATCH=""
 ALLOTD_PID=""
-cleanup() {
-    local rc=$?
+stop_servers() {
     stop_pid "$ALLOTD_PID" 30
     ALLOTD_PID=""
-    [[ -n "$SCRATCH" ]] && rm -rf "$SCRATCH"
-    SCRATCH=""
-    exit "$rc"
 }
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+install_exit_cleanup
 
 CONNECTIONS=4
 ((CONCURRENCY >= CONNECTIONS)) || CONNECTIONS=$CONCURRENCY

@@ -124,6 +124,24 @@ wait_for_port() {
     return 1
 }
 
+# Cleanup on any exit, installed by install_exit_cleanup: the script's own stop_servers (when it
+# defines one), then the scratch directory; Ctrl-C and TERM exit with their usual codes.
+SCRATCH=""
+_exit_cleanup() {
+    local rc=$?
+    if declare -F stop_servers >/dev/null; then
+        stop_servers
+    fi
+    [[ -n "$SCRATCH" ]] && rm -rf "$SCRATCH"
+    SCRATCH=""
+    exit "$rc"
+}
+install_exit_cleanup() {
+    trap _exit_cleanup EXIT
+    trap 'exit 130' INT
+    trap 'exit 143' TERM
+}
+
 # Stops PID: SIGNAL (default TERM), up to SECS seconds, then SIGKILL. Only that process id.
 stop_pid() {
     local pid="$1" seconds="${2:-15}" signal="${3:-TERM}" i

@@ -57,23 +57,16 @@ else
     as_pg() { "$@"; }
 fi
 
-SCRATCH=""
 PG_PID=""
 WRAPPER_PID=""
-cleanup() {
-    local rc=$?
+stop_servers() {
     # SIGINT to the postmaster is PostgreSQL's fast shutdown.
     stop_pid "$PG_PID" 30 INT
     stop_pid "$WRAPPER_PID" 5
     PG_PID=""
     WRAPPER_PID=""
-    [[ -n "$SCRATCH" ]] && rm -rf "$SCRATCH"
-    SCRATCH=""
-    exit "$rc"
 }
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+install_exit_cleanup
 
 SCRATCH="$(make_scratch postgres)"
 PGDATA="$SCRATCH/data"

@@ -38,19 +38,12 @@ ensure_command redis-cli redis-tools
 redis_version="$(redis-server --version | sed -n 's/.* v=\([^ ]*\).*/\1/p')"
 [[ "${redis_version%%.*}" -ge 7 ]] || log "warning: redis-server $redis_version, not 7.x"
 
-SCRATCH=""
 REDIS_PID=""
-cleanup() {
-    local rc=$?
+stop_servers() {
     stop_pid "$REDIS_PID" 20
     REDIS_PID=""
-    [[ -n "$SCRATCH" ]] && rm -rf "$SCRATCH"
-    SCRATCH=""
-    exit "$rc"
 }
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+install_exit_cleanup
 
 POSITIONS=$((SKUS * NODES))
 HOT_POSITIONS=$((HOT_SKUS * NODES))
