@@ -2782,11 +2782,16 @@ fn flood(name: &str, options: &FloodOptions) -> FloodFigures {
         }
         FloodFigures { peak_bytes }
     });
+    stop_unpanicked(daemon, name);
+    figures
+}
+
+/// Stops a flood's daemon with SIGTERM, failing if it panicked or did not exit cleanly.
+fn stop_unpanicked(daemon: common::daemon::Daemon, name: &str) {
     let log = daemon.log();
     assert!(!log.contains("panicked"), "{name}: the daemon panicked:\n{log}");
     let status = daemon.terminate();
     assert!(status.success(), "{name}: allotd exited with {status}");
-    figures
 }
 
 #[test]
@@ -3007,10 +3012,7 @@ fn descriptor_flood() -> DescriptorFlood {
         );
         DescriptorFlood { cpu_percent }
     });
-    let log = daemon.log();
-    assert!(!log.contains("panicked"), "the daemon panicked:\n{log}");
-    let status = daemon.terminate();
-    assert!(status.success(), "allotd exited with {status}");
+    stop_unpanicked(daemon, "descriptor flood");
     measured
 }
 
