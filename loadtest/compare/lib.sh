@@ -201,7 +201,9 @@ percentile() {
     local p="$1" file="$2" n
     n=$(wc -l <"$file")
     ((n > 0)) || { echo nan; return; }
-    sort -n "$file" | awk -v p="$p" -v n="$n" 'BEGIN { k = int(p / 100 * n + 0.999999); if (k < 1) k = 1 } NR == k { print; exit }'
+    # awk reads to the end: leaving at line k would kill sort with SIGPIPE once its output
+    # outgrows the pipe, and pipefail would turn that into a failed run (seen at 140,000 lines).
+    sort -n "$file" | awk -v p="$p" -v n="$n" 'BEGIN { k = int(p / 100 * n + 0.999999); if (k < 1) k = 1 } NR == k { print }'
 }
 
 # Appends one result row (see the top of this file).
