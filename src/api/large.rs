@@ -136,7 +136,17 @@ where
             if !ended {
                 prefix.rest = Some(body);
             }
-            inner.call(http::Request::from_parts(parts, Body::new(prefix))).await
+            let response = inner.call(http::Request::from_parts(parts, Body::new(prefix))).await;
+            if _permit.is_some() {
+                // The decoded request is dropped by now. Hand its memory back before the next
+                // large request decodes: the allocator otherwise keeps a freed block of
+                // hundreds of MiB for a while, and the next decode's doubling vectors came on
+                // top of it (a peak of 470-520 MiB under 16 concurrent 4 MB requests).
+                // SAFETY: mi_collect only walks mimalloc's own heaps and arenas; any thread may
+                // call it at any time (without mimalloc as the allocator it finds them empty).
+                unsafe { libmimalloc_sys::mi_collect(true) };
+            }
+            response
         })
     }
 }
