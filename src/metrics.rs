@@ -27,6 +27,7 @@ pub enum Rpc {
     GetAvailability,
     Reserve,
     ReserveBatch,
+    ReserveStream,
     ConfirmReservation,
     ExtendReservation,
     ReleaseReservation,
@@ -53,7 +54,7 @@ pub enum Rpc {
 }
 
 impl Rpc {
-    pub const ALL: [Rpc; 30] = [
+    pub const ALL: [Rpc; 31] = [
         Rpc::UpsertNodes,
         Rpc::ListNodes,
         Rpc::SetStock,
@@ -61,6 +62,7 @@ impl Rpc {
         Rpc::GetAvailability,
         Rpc::Reserve,
         Rpc::ReserveBatch,
+        Rpc::ReserveStream,
         Rpc::ConfirmReservation,
         Rpc::ExtendReservation,
         Rpc::ReleaseReservation,
@@ -95,6 +97,7 @@ impl Rpc {
             Rpc::GetAvailability => "GetAvailability",
             Rpc::Reserve => "Reserve",
             Rpc::ReserveBatch => "ReserveBatch",
+            Rpc::ReserveStream => "ReserveStream",
             Rpc::ConfirmReservation => "ConfirmReservation",
             Rpc::ExtendReservation => "ExtendReservation",
             Rpc::ReleaseReservation => "ReleaseReservation",

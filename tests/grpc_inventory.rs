@@ -1693,3 +1693,121 @@ async fn reserve_batch_gives_each_item_its_own_outcome() {
     assert_eq!(stored.status, ReservationStatus::Held as i32);
     daemon.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reserve_stream_answers_each_item_in_order_once_durable() {
+    // Goal: ReserveStream answers every item as Reserve would, in request order, each with its
+    // key; one item's error leaves the stream going; far more items than the in-flight window
+    // (limits.lines_per_request_max = 1,000) pass without deadlock; every RESERVED answer is
+    // durable (survives a restart); and the daemon's shutdown ends an open stream with
+    // UNAVAILABLE. Method: a stream mixing every kind of item; 3,000 items on one stream;
+    // a restart; an idle open stream during shutdown.
+    use tokio_stream::StreamExt;
+    let mut daemon = Daemon::start().await;
+    upsert(&mut daemon.client, vec![node("DC-1", 10.0, 10.0)]).await;
+    set_stock(
+        &mut daemon.client,
+        vec![stock("SKU-A", "DC-1", 10), stock("SKU-B", "DC-1", 1), stock("SKU-C", "DC-1", 5_000)],
+    )
+    .await;
+    let items = vec![
+        reserve_request("s-ok", vec![line("SKU-A", "DC-1", 4)], 0),
+        reserve_request("s-short", vec![line("SKU-A", "DC-1", 1), line("SKU-B", "DC-1", 2)], 0),
+        reserve_request("s-bad", vec![line("SKU-A", "DC-1", 0)], 0),
+        reserve_request("s-ok", vec![line("SKU-A", "DC-1", 4)], 0),
+        reserve_request("s-ok", vec![line("SKU-A", "DC-1", 5)], 0),
+        reserve_request("s-ghost", vec![line("SKU-A", "DC-404", 1)], 0),
+        reserve_request("s-ttl", vec![line("SKU-A", "DC-1", 3)], 60_000),
+    ];
+    let answers: Vec<v1::ReserveStreamResponse> = daemon
+        .client
+        .reserve_stream(tokio_stream::iter(items.clone()))
+        .await
+        .expect("ReserveStream")
+        .into_inner()
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<Result<_, _>>()
+        .expect("every answer");
+    assert_eq!(answers.len(), items.len());
+    for (answer, item) in answers.iter().zip(&items) {
+        assert_eq!(answer.idempotency_key, item.idempotency_key, "answers come in request order");
+    }
+    use v1::reserve_stream_response::Result as Answer;
+    let reserved = |index: usize| match answers[index].result.clone() {
+        Some(Answer::Response(response)) if response.status == ReserveStatus::Reserved as i32 => response,
+        other => panic!("item {index}: {other:?}"),
+    };
+    let error = |index: usize, code: Code, names: &str| match answers[index].result.clone() {
+        Some(Answer::Error(error)) => {
+            assert_eq!(error.code, code as i32, "item {index}: {}", error.message);
+            assert!(error.message.contains(names), "item {index}: {}", error.message);
+        }
+        other => panic!("item {index}: expected {code:?}, got {other:?}"),
+    };
+    let first = reserved(0);
+    match answers[1].result.clone() {
+        Some(Answer::Response(response)) => {
+            assert_eq!(response.status, ReserveStatus::Insufficient as i32);
+            assert_eq!(response.shortfalls[0].sku, "SKU-B");
+        }
+        other => panic!("item 1: {other:?}"),
+    }
+    error(2, Code::InvalidArgument, "qty");
+    assert_eq!(reserved(3).reservation_id, first.reservation_id, "a replay on the stream");
+    error(4, Code::AlreadyExists, "idempotency_key");
+    error(5, Code::InvalidArgument, "DC-404");
+    let with_ttl = reserved(6);
+    assert!(with_ttl.expires_at.is_some());
+    let held = position(&mut daemon.client, "SKU-A", "DC-1").await;
+    assert_eq!((held.on_hand, held.reserved), (10, 7));
+
+    // Three times the window on one stream, every answer read.
+    let many: Vec<v1::ReserveRequest> =
+        (0..3_000).map(|n| reserve_request(&format!("m-{n}"), vec![line("SKU-C", "DC-1", 1)], 0)).collect();
+    let mut answers = daemon.client.reserve_stream(tokio_stream::iter(many)).await.unwrap().into_inner();
+    let mut count = 0;
+    while let Some(answer) = answers.message().await.expect("an answer") {
+        assert_eq!(answer.idempotency_key, format!("m-{count}"));
+        match answer.result {
+            Some(Answer::Response(response)) if response.status == ReserveStatus::Reserved as i32 => {}
+            other => panic!("item {count}: {other:?}"),
+        }
+        count += 1;
+    }
+    assert_eq!(count, 3_000);
+    assert_eq!(position(&mut daemon.client, "SKU-C", "DC-1").await.reserved, 3_000);
+
+    // Durable: after a restart every answered hold is there.
+    let dir = daemon.stop_keeping_data().await;
+    let mut daemon = Daemon::start_in(dir, |_| {}, Arc::new(SystemClock)).await;
+    assert_eq!(position(&mut daemon.client, "SKU-A", "DC-1").await.reserved, 7);
+    assert_eq!(position(&mut daemon.client, "SKU-C", "DC-1").await.reserved, 3_000);
+    assert_eq!(
+        get_reservation(&mut daemon.client, &first.reservation_id).await.status,
+        ReservationStatus::Held as i32
+    );
+
+    // Shutdown ends an open, idle stream with UNAVAILABLE after answering what it decided.
+    let (sender, receiver) = tokio::sync::mpsc::channel(4);
+    sender.send(reserve_request("idle-1", vec![line("SKU-C", "DC-1", 1)], 0)).await.unwrap();
+    let mut open = daemon
+        .client
+        .reserve_stream(tokio_stream::wrappers::ReceiverStream::new(receiver))
+        .await
+        .unwrap()
+        .into_inner();
+    let answer = open.message().await.expect("the first answer").expect("not the end");
+    assert_eq!(answer.idempotency_key, "idle-1");
+    let stopping = tokio::spawn(daemon.stop());
+    let end = tokio::time::timeout(Duration::from_secs(10), open.message())
+        .await
+        .expect("the stream ends at shutdown");
+    match end {
+        Err(status) => assert_eq!(status.code(), Code::Unavailable, "{status:?}"),
+        Ok(other) => panic!("expected UNAVAILABLE, got {other:?}"),
+    }
+    drop(sender);
+    stopping.await.unwrap();
+}

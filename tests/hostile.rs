@@ -69,6 +69,8 @@ enum Kind {
     Unary,
     /// Server streaming (the Watch RPCs).
     Streaming,
+    /// Both sides stream (ReserveStream): one request message, then the answers to the end.
+    Bidi,
 }
 
 /// One RPC of the contract.
@@ -93,6 +95,7 @@ const RPCS: &[RpcSpec] = &[
     rpc("/allot.v1.Inventory/GetAvailability", Kind::Unary, false),
     rpc("/allot.v1.Inventory/Reserve", Kind::Unary, true),
     rpc("/allot.v1.Inventory/ReserveBatch", Kind::Unary, true),
+    rpc("/allot.v1.Inventory/ReserveStream", Kind::Bidi, true),
     rpc("/allot.v1.Inventory/ConfirmReservation", Kind::Unary, true),
     rpc("/allot.v1.Inventory/ExtendReservation", Kind::Unary, true),
     rpc("/allot.v1.Inventory/ReleaseReservation", Kind::Unary, true),
@@ -196,6 +199,17 @@ impl Raw {
                 .unary(Request::new(body), path, RawCodec)
                 .await
                 .map(|response| response.into_inner()),
+            Kind::Bidi => {
+                // The request stream ends after its one message, so the answers end too: all
+                // of them are read, and a status the stream ends with is the call's answer.
+                let request = Request::new(tokio_stream::once(body));
+                let mut answers = self.grpc.streaming(request, path, RawCodec).await?.into_inner();
+                let mut first = None;
+                while let Some(answer) = answers.message().await? {
+                    first.get_or_insert(answer);
+                }
+                Ok(first.unwrap_or_default())
+            }
             Kind::Streaming => {
                 let response = self.grpc.server_streaming(Request::new(body), path, RawCodec).await?;
                 // The stream is dropped here: the daemon must free the watcher.
@@ -525,6 +539,17 @@ fn seeds(path: &str, fixture: &Fixture) -> Vec<Vec<u8>> {
             }
             .encode_to_vec(),
         ],
+        // One message of the request stream (a body of one gRPC frame).
+        "ReserveStream" => vec![
+            v1::ReserveRequest {
+                idempotency_key: "fuzz-stream".into(),
+                lines: vec![common::line("SKU-1", "DC-A", 1)],
+                ttl_ms: 60_000,
+                reference: "cart-3".into(),
+                channel: "web".into(),
+            }
+            .encode_to_vec(),
+        ],
         "ReserveBatch" => vec![
             v1::ReserveBatchRequest {
                 items: vec![
@@ -703,7 +728,14 @@ fn the_table_lists_every_rpc_of_the_protos() {
                 let name = rest.split('(').next().unwrap().trim();
                 let path =
                     format!("/allot.v1.{}/{name}", service.as_deref().expect("an rpc outside a service"));
-                let kind = if line.contains("returns (stream") { Kind::Streaming } else { Kind::Unary };
+                let (request, response) = rest.split_once("returns").expect("an rpc line has returns");
+                let kind = if request.contains("(stream ") && response.contains("(stream ") {
+                    Kind::Bidi
+                } else if response.contains("(stream ") {
+                    Kind::Streaming
+                } else {
+                    Kind::Unary
+                };
                 declared.insert(path, kind);
             }
         }

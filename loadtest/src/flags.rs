@@ -29,6 +29,10 @@ pub enum Scenario {
     /// Inventory.ReserveBatch of --batch one-line reservations (qty 1 each): calls/s and
     /// reservations/s, latency per call, item outcomes by kind.
     ReserveBatch,
+    /// Inventory.ReserveStream: each caller keeps one bidirectional stream open and sends
+    /// one-line reservations (qty 1) on it, one at a time; latency per reservation, from its
+    /// send to its durable answer. --concurrency is the reservations in flight.
+    ReserveStream,
     /// Route (a quote, nothing reserved) of --lines SKUs to a random US address.
     Route,
     /// Allocate (plan and reserve, durable) of --lines SKUs, qty 1 each.
@@ -56,6 +60,7 @@ impl Scenario {
             Scenario::Reserve => "reserve",
             Scenario::ReserveRelease => "reserve-release",
             Scenario::ReserveBatch => "reserve-batch",
+            Scenario::ReserveStream => "reserve-stream",
             Scenario::Route => "route",
             Scenario::Allocate => "allocate",
             Scenario::Capture => "capture",

@@ -157,13 +157,35 @@ impl Lane {
 }
 
 /// One client per service over one connection; cheap to clone (the connection is shared).
-#[derive(Clone)]
 pub struct Clients {
     health: tonic_health::pb::health_client::HealthClient<Channel>,
     inventory: v1::inventory_client::InventoryClient<Channel>,
     routing: v1::routing_client::RoutingClient<Channel>,
     orders: v1::orders_client::OrdersClient<Channel>,
     fulfilment: v1::fulfilment_client::FulfilmentClient<Channel>,
+    /// This caller's ReserveStream, opened by its first reserve-stream request.
+    stream: Option<ReserveStream>,
+}
+
+/// One open Inventory.ReserveStream: requests go in through `sender`, answers come back in
+/// the same order.
+struct ReserveStream {
+    sender: tokio::sync::mpsc::Sender<v1::ReserveRequest>,
+    answers: tonic::Streaming<v1::ReserveStreamResponse>,
+}
+
+/// A clone shares the connection but not the stream (a stream belongs to one caller).
+impl Clone for Clients {
+    fn clone(&self) -> Self {
+        Clients {
+            health: self.health.clone(),
+            inventory: self.inventory.clone(),
+            routing: self.routing.clone(),
+            orders: self.orders.clone(),
+            fulfilment: self.fulfilment.clone(),
+            stream: None,
+        }
+    }
 }
 
 impl Clients {
@@ -174,6 +196,7 @@ impl Clients {
             routing: v1::routing_client::RoutingClient::new(channel.clone()),
             orders: v1::orders_client::OrdersClient::new(channel.clone()),
             fulfilment: v1::fulfilment_client::FulfilmentClient::new(channel),
+            stream: None,
         }
     }
 }
@@ -203,6 +226,12 @@ impl Timer {
         };
         self.samples.push(Sample { kind, latency: started.elapsed(), outcome });
         result.ok().map(tonic::Response::into_inner)
+    }
+
+    /// Marks the last RPC as failed with `code` (an item error inside an OK answer).
+    fn fail(&mut self, code: tonic::Code) {
+        let last = self.samples.last_mut().expect("fail follows a call");
+        last.outcome = Outcome::Error(code);
     }
 
     /// Marks the last RPC as answered with a business outcome.
@@ -253,6 +282,7 @@ impl Request<'_> {
                 }
             }
             Scenario::ReserveBatch => return Some(self.reserve_batch().await),
+            Scenario::ReserveStream => drop(self.reserve_on_stream().await),
             Scenario::Route => drop(self.route().await),
             Scenario::Allocate => drop(self.allocate().await),
             Scenario::Capture => drop(self.capture().await),
@@ -305,6 +335,67 @@ impl Request<'_> {
             ttl_ms: self.workload.ttl_ms,
             reference: String::new(),
             channel: String::new(),
+        }
+    }
+
+    /// One reservation sent on this caller's ReserveStream (opened on first use), timed from
+    /// its send to its answer; the reservation id when RESERVED. A broken stream is an error
+    /// of this request, and the next one opens a new stream.
+    async fn reserve_on_stream(&mut self) -> Option<String> {
+        let request = self.reserve_request(self.key());
+        let inventory = &mut self.clients.inventory;
+        let stream = &mut self.clients.stream;
+        let answer = self
+            .timer
+            .call(OpKind::ReserveStream, async {
+                let answer = match stream {
+                    Some(open) => match open.sender.send(request).await {
+                        Ok(()) => open.answers.message().await,
+                        Err(_) => Err(tonic::Status::unavailable("the request stream closed")),
+                    },
+                    None => {
+                        // The first request goes with the call: allotd reads a request's first
+                        // message before it answers the call's headers.
+                        let (sender, receiver) = tokio::sync::mpsc::channel(1);
+                        sender.send(request).await.expect("the receiver is here");
+                        let answers = inventory
+                            .reserve_stream(tokio_stream::wrappers::ReceiverStream::new(receiver))
+                            .await?
+                            .into_inner();
+                        let open = stream.insert(ReserveStream { sender, answers });
+                        open.answers.message().await
+                    }
+                };
+                match answer {
+                    Ok(Some(answer)) => Ok(tonic::Response::new(answer)),
+                    Ok(None) => Err(tonic::Status::unavailable("the answer stream ended")),
+                    Err(status) => Err(status),
+                }
+            })
+            .await;
+        let Some(answer) = answer else {
+            self.clients.stream = None;
+            return None;
+        };
+        use v1::reserve_stream_response::Result as Answer;
+        match answer.result {
+            Some(Answer::Response(response))
+                if response.status == v1::reserve_response::Status::Reserved as i32 =>
+            {
+                Some(response.reservation_id)
+            }
+            Some(Answer::Response(_)) => {
+                self.timer.mark("INSUFFICIENT");
+                None
+            }
+            Some(Answer::Error(error)) => {
+                self.timer.fail(tonic::Code::from(error.code));
+                None
+            }
+            None => {
+                self.timer.fail(tonic::Code::Unknown);
+                None
+            }
         }
     }
 

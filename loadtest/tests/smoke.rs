@@ -51,6 +51,7 @@ async fn every_mode_and_main_scenario_runs_without_errors() {
             "--nodes",
             "3",
         ],
+        vec!["--scenario", "reserve-stream", "--concurrency", "4", "--skus", "200", "--nodes", "3"],
         vec!["--scenario", "mixed", "--concurrency", "4", "--skew", "0.99", "--skus", "200", "--nodes", "3"],
         vec!["--scenario", "checkout", "--concurrency", "2", "--skus", "200", "--nodes", "3"],
         vec!["--scenario", "order-checkout", "--concurrency", "2", "--skus", "200", "--nodes", "3"],

@@ -38,6 +38,7 @@ fn allowed(path: &str) -> Option<&'static [Role]> {
         }
         "allot.v1.Inventory/Reserve"
         | "allot.v1.Inventory/ReserveBatch"
+        | "allot.v1.Inventory/ReserveStream"
         | "allot.v1.Inventory/ConfirmReservation"
         | "allot.v1.Inventory/ExtendReservation"
         | "allot.v1.Inventory/ReleaseReservation"

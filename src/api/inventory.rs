@@ -6,6 +6,7 @@ use std::collections::HashSet;
 use std::pin::Pin;
 use std::sync::Arc;
 
+use tokio::sync::mpsc::{Receiver, Sender};
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
@@ -28,39 +29,134 @@ pub struct InventoryApi {
     core: Arc<Core>,
 }
 
-impl InventoryApi {
-    /// The answer to one decided Reserve, counting the decision.
-    fn reserve_response(&self, outcome: ReserveOutcome) -> v1::ReserveResponse {
-        match outcome {
-            ReserveOutcome::Reserved { id, expires_at_ms } => {
-                self.core.rpc_metrics.reserved.increment(1);
-                v1::ReserveResponse {
-                    reservation_id: id.to_string(),
-                    status: v1::reserve_response::Status::Reserved as i32,
-                    shortfalls: Vec::new(),
-                    expires_at: expires_at_ms.map(timestamp),
-                }
+/// The answer to one decided Reserve, counting the decision.
+fn reserve_response(core: &Core, outcome: ReserveOutcome) -> v1::ReserveResponse {
+    match outcome {
+        ReserveOutcome::Reserved { id, expires_at_ms } => {
+            core.rpc_metrics.reserved.increment(1);
+            v1::ReserveResponse {
+                reservation_id: id.to_string(),
+                status: v1::reserve_response::Status::Reserved as i32,
+                shortfalls: Vec::new(),
+                expires_at: expires_at_ms.map(timestamp),
             }
-            ReserveOutcome::Insufficient(shortfalls) => {
-                self.core.rpc_metrics.insufficient.increment(1);
-                v1::ReserveResponse {
-                    reservation_id: String::new(),
-                    status: v1::reserve_response::Status::Insufficient as i32,
-                    shortfalls: shortfalls
-                        .into_iter()
-                        .map(|shortfall| v1::Shortfall {
-                            sku: shortfall.sku.to_string(),
-                            node_id: shortfall.node_id.to_string(),
-                            requested: shortfall.requested,
-                            available: shortfall.available,
-                        })
-                        .collect(),
-                    expires_at: None,
-                }
+        }
+        ReserveOutcome::Insufficient(shortfalls) => {
+            core.rpc_metrics.insufficient.increment(1);
+            v1::ReserveResponse {
+                reservation_id: String::new(),
+                status: v1::reserve_response::Status::Insufficient as i32,
+                shortfalls: shortfalls
+                    .into_iter()
+                    .map(|shortfall| v1::Shortfall {
+                        sku: shortfall.sku.to_string(),
+                        node_id: shortfall.node_id.to_string(),
+                        requested: shortfall.requested,
+                        available: shortfall.available,
+                    })
+                    .collect(),
+                expires_at: None,
             }
         }
     }
+}
 
+/// One item of ReserveBatch or ReserveStream, answered: its response, or what Reserve would
+/// have answered as an error.
+fn item_answer(
+    core: &Core,
+    result: Result<ReserveOutcome, ServiceError>,
+) -> Result<v1::ReserveResponse, v1::ItemError> {
+    match result {
+        Ok(outcome) => Ok(reserve_response(core, outcome)),
+        Err(error) => {
+            let status = Status::from(error);
+            Err(v1::ItemError { code: status.code() as i32, message: status.message().to_string() })
+        }
+    }
+}
+
+/// How often an idle ReserveStream looks whether the daemon is shutting down.
+const STREAM_SHUTDOWN_POLL: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// What the reader of a ReserveStream hands the answerer, in request order.
+enum Decided {
+    /// An item: its key and its decision (durable once its acknowledgement comes).
+    Item(String, Result<crate::index::Pending<ReserveOutcome>, ServiceError>),
+    /// The end of the answers: the status the stream ends with, after every item before it.
+    End(Status),
+}
+
+/// Reads a ReserveStream: decides each item in arrival order (under its shard locks, like
+/// Reserve) and queues it for the answerer. The queue holds at most
+/// `limits.lines_per_request_max` items, so a caller that does not read its answers stops
+/// being read. Ends at the end of the request stream, on a transport error, or at shutdown.
+async fn read_stream(
+    core: Arc<Core>,
+    mut incoming: tonic::Streaming<v1::ReserveRequest>,
+    decided: Sender<Decided>,
+) {
+    let mut shutdown_poll = tokio::time::interval(STREAM_SHUTDOWN_POLL);
+    shutdown_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let end = loop {
+        if core.admission.shutting_down() {
+            break Status::from(ServiceError::ShuttingDown);
+        }
+        let next = tokio::select! {
+            next = incoming.message() => next,
+            _ = shutdown_poll.tick() => continue,
+        };
+        let item = match next {
+            Ok(Some(item)) => item,
+            Ok(None) => return,
+            // The request stream broke (a bad frame, a reset): said after the answers.
+            Err(status) => break super::oversize::remap_status(status),
+        };
+        let key = item.idempotency_key.clone();
+        let result =
+            parse_reserve(item, core.index.limits()).and_then(|command| Ok(core.index.reserve(&command)?));
+        if decided.send(Decided::Item(key, result)).await.is_err() {
+            return; // the caller went away
+        }
+    };
+    let _ = decided.send(Decided::End(end)).await;
+}
+
+/// Answers a ReserveStream in request order, each item once durable. A later item never
+/// waits for its own fsync before an earlier one is answered: they share (or follow) the same
+/// group commits.
+async fn answer_stream(
+    core: Arc<Core>,
+    mut decided: Receiver<Decided>,
+    answers: Sender<Result<v1::ReserveStreamResponse, Status>>,
+) {
+    use v1::reserve_stream_response::Result as Answer;
+    while let Some(next) = decided.recv().await {
+        let (key, result) = match next {
+            Decided::Item(key, result) => (key, result),
+            Decided::End(status) => {
+                let _ = answers.send(Err(status)).await;
+                return;
+            }
+        };
+        let result = match result {
+            Ok(pending) => pending.durable().await.map_err(ServiceError::from),
+            Err(error) => Err(error),
+        };
+        let answer = v1::ReserveStreamResponse {
+            idempotency_key: key,
+            result: Some(match item_answer(&core, result) {
+                Ok(response) => Answer::Response(response),
+                Err(error) => Answer::Error(error),
+            }),
+        };
+        if answers.send(Ok(answer)).await.is_err() {
+            return; // the caller went away; what was decided is durable anyway
+        }
+    }
+}
+
+impl InventoryApi {
     pub fn new(core: Arc<Core>) -> Self {
         Self { core }
     }
@@ -72,6 +168,7 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'stati
 #[tonic::async_trait]
 impl v1::inventory_server::Inventory for InventoryApi {
     type WatchAvailabilityStream = BoxStream<v1::AvailabilityChange>;
+    type ReserveStreamStream = BoxStream<v1::ReserveStreamResponse>;
 
     async fn upsert_nodes(
         &self,
@@ -236,7 +333,7 @@ impl v1::inventory_server::Inventory for InventoryApi {
         let result = async {
             let command = parse_reserve(request.into_inner(), self.core.index.limits())?;
             let outcome = self.core.index.reserve(&command)?.durable().await?;
-            Ok(self.reserve_response(outcome))
+            Ok(reserve_response(&self.core, outcome))
         }
         .await;
         self.core.finish(permit, result)
@@ -269,18 +366,11 @@ impl v1::inventory_server::Inventory for InventoryApi {
                     Ok(pending) => pending.durable().await.map_err(ServiceError::from),
                     Err(error) => Err(error),
                 };
+                use v1::reserve_batch_response::item::Result as Answer;
                 answers.push(v1::reserve_batch_response::Item {
-                    result: Some(match result {
-                        Ok(outcome) => {
-                            v1::reserve_batch_response::item::Result::Response(self.reserve_response(outcome))
-                        }
-                        Err(error) => {
-                            let status = Status::from(error);
-                            v1::reserve_batch_response::item::Result::Error(v1::ItemError {
-                                code: status.code() as i32,
-                                message: status.message().to_string(),
-                            })
-                        }
+                    result: Some(match item_answer(&self.core, result) {
+                        Ok(response) => Answer::Response(response),
+                        Err(error) => Answer::Error(error),
                     }),
                 });
             }
@@ -288,6 +378,22 @@ impl v1::inventory_server::Inventory for InventoryApi {
         }
         .await;
         self.core.finish(permit, result)
+    }
+
+    async fn reserve_stream(
+        &self,
+        request: Request<tonic::Streaming<v1::ReserveRequest>>,
+    ) -> Result<Response<BoxStream<v1::ReserveStreamResponse>>, Status> {
+        // The permit covers opening the stream; its items are bounded by the window below and
+        // by the commit queue (an item shed there answers RESOURCE_EXHAUSTED).
+        let permit = self.core.admit(Rpc::ReserveStream)?;
+        let window = self.core.index.limits().lines_per_request_max.max(1);
+        let (decided_sender, decided) = tokio::sync::mpsc::channel(window);
+        let (answers, answer_receiver) = tokio::sync::mpsc::channel(window);
+        tokio::spawn(read_stream(self.core.clone(), request.into_inner(), decided_sender));
+        tokio::spawn(answer_stream(self.core.clone(), decided, answers));
+        let stream = tokio_stream::wrappers::ReceiverStream::new(answer_receiver);
+        self.core.finish(permit, Ok(Box::pin(stream) as BoxStream<v1::ReserveStreamResponse>))
     }
 
     async fn confirm_reservation(

@@ -70,6 +70,10 @@ impl Admission {
         self.shutting_down.store(true, Ordering::Release);
     }
 
+    pub fn shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::Acquire)
+    }
+
     pub fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::Acquire)
     }

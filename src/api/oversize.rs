@@ -41,24 +41,43 @@ pub fn remap_oversize(mut response: Response<Body>) -> Response<Body> {
     let Some(code) = headers.get("grpc-status").and_then(|code| code.to_str().ok()) else {
         return response;
     };
-    let remapped = match code {
-        OUT_OF_RANGE if message(headers).is_some_and(|message| message.contains(TOO_LARGE)) => {
+    let remapped = remapped_code(code, message(headers).as_deref());
+    if let Some(code) = remapped {
+        headers.insert("grpc-status", HeaderValue::from_static(code));
+    }
+    response
+}
+
+/// The contract's code for tonic's `code` and `message`, when it differs.
+fn remapped_code(code: &str, message: Option<&str>) -> Option<&'static str> {
+    match code {
+        OUT_OF_RANGE if message.is_some_and(|message| message.contains(TOO_LARGE)) => {
             metrics::counter!("allot_shed_requests_total", "reason" => "message_too_large").increment(1);
             Some(RESOURCE_EXHAUSTED)
         }
         INTERNAL
-            if message(headers).is_some_and(|message| {
-                message.starts_with(NOT_PROTOBUF_PREFIX) || FRAME_MESSAGES.contains(&message.as_str())
+            if message.is_some_and(|message| {
+                message.starts_with(NOT_PROTOBUF_PREFIX) || FRAME_MESSAGES.contains(&message)
             }) =>
         {
             Some(INVALID_ARGUMENT)
         }
         _ => None,
-    };
-    if let Some(code) = remapped {
-        headers.insert("grpc-status", HeaderValue::from_static(code));
     }
-    response
+}
+
+/// The same rewriting for a status a handler reads from a request stream (ReserveStream's
+/// later messages are decoded after the call started, so the status never passes through
+/// `remap_oversize`'s headers).
+pub fn remap_status(status: tonic::Status) -> tonic::Status {
+    let code = (status.code() as i32).to_string();
+    match remapped_code(&code, Some(status.message())) {
+        Some(remapped) => {
+            let code = tonic::Code::from(remapped.parse::<i32>().expect("a status code"));
+            tonic::Status::new(code, status.message())
+        }
+        None => status,
+    }
 }
 
 /// The `grpc-message` header, percent-decoded (tonic encodes spaces and a few other bytes).
