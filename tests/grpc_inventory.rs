@@ -1613,6 +1613,57 @@ async fn every_service_is_served() {
     daemon.stop().await;
 }
 
+/// One item of every kind, for ReserveBatch and ReserveStream (with SKU-A 10 and SKU-B 1 at
+/// DC-1): a hold, a shortfall, an invalid qty, a replay of the hold, its key reused for another
+/// request, a hold with a TTL, an unknown node.
+fn mixed_reserve_items(prefix: &str) -> Vec<v1::ReserveRequest> {
+    let key = |name: &str| format!("{prefix}-{name}");
+    vec![
+        reserve_request(&key("ok"), vec![line("SKU-A", "DC-1", 4)], 0),
+        reserve_request(&key("short"), vec![line("SKU-A", "DC-1", 1), line("SKU-B", "DC-1", 2)], 0),
+        reserve_request(&key("bad"), vec![line("SKU-A", "DC-1", 0)], 0),
+        reserve_request(&key("ok"), vec![line("SKU-A", "DC-1", 4)], 0),
+        reserve_request(&key("ok"), vec![line("SKU-A", "DC-1", 5)], 0),
+        reserve_request(&key("ttl"), vec![line("SKU-A", "DC-1", 3)], 60_000),
+        reserve_request(&key("ghost"), vec![line("SKU-A", "DC-404", 1)], 0),
+    ]
+}
+
+/// Checks the answers to `mixed_reserve_items`: each exactly what Reserve would answer for that
+/// item alone. Returns the two holds (items 0 and 5).
+fn check_mixed_answers(
+    answers: &[Result<v1::ReserveResponse, v1::ItemError>],
+) -> (v1::ReserveResponse, v1::ReserveResponse) {
+    assert_eq!(answers.len(), 7);
+    let reserved = |index: usize| match &answers[index] {
+        Ok(response) if response.status == ReserveStatus::Reserved as i32 => response.clone(),
+        other => panic!("item {index}: {other:?}"),
+    };
+    let error = |index: usize, code: Code, names: &str| match &answers[index] {
+        Err(error) => {
+            assert_eq!(error.code, code as i32, "item {index}: {}", error.message);
+            assert!(error.message.contains(names), "item {index}: {}", error.message);
+        }
+        other => panic!("item {index}: expected {code:?}, got {other:?}"),
+    };
+    let first = reserved(0);
+    match &answers[1] {
+        Ok(response) => {
+            assert_eq!(response.status, ReserveStatus::Insufficient as i32);
+            assert_eq!(response.shortfalls.len(), 1, "{response:?}");
+            assert_eq!(response.shortfalls[0].sku, "SKU-B");
+        }
+        other => panic!("item 1: {other:?}"),
+    }
+    error(2, Code::InvalidArgument, "qty");
+    assert_eq!(reserved(3).reservation_id, first.reservation_id, "a replay among the items");
+    error(4, Code::AlreadyExists, "idempotency_key");
+    let with_ttl = reserved(5);
+    assert!(with_ttl.expires_at.is_some());
+    error(6, Code::InvalidArgument, "DC-404");
+    (first, with_ttl)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reserve_batch_gives_each_item_its_own_outcome() {
     // Goal: ReserveBatch answers every item exactly as Reserve would have, in request order,
@@ -1623,47 +1674,20 @@ async fn reserve_batch_gives_each_item_its_own_outcome() {
     let mut daemon = Daemon::start().await;
     upsert(&mut daemon.client, vec![node("DC-1", 10.0, 10.0)]).await;
     set_stock(&mut daemon.client, vec![stock("SKU-A", "DC-1", 10), stock("SKU-B", "DC-1", 1)]).await;
-    let items = vec![
-        reserve_request("b-ok", vec![line("SKU-A", "DC-1", 4)], 0),
-        reserve_request("b-short", vec![line("SKU-A", "DC-1", 1), line("SKU-B", "DC-1", 2)], 0),
-        reserve_request("b-bad", vec![line("SKU-A", "DC-1", 0)], 0),
-        reserve_request("b-ok", vec![line("SKU-A", "DC-1", 4)], 0),
-        reserve_request("b-ok", vec![line("SKU-A", "DC-1", 5)], 0),
-        reserve_request("b-ttl", vec![line("SKU-A", "DC-1", 3)], 60_000),
-        reserve_request("b-ghost", vec![line("SKU-A", "DC-404", 1)], 0),
-    ];
+    let items = mixed_reserve_items("b");
     let request = v1::ReserveBatchRequest { items: items.clone() };
     let answers = daemon.client.reserve_batch(request.clone()).await.unwrap().into_inner().items;
     use v1::reserve_batch_response::item::Result as Item;
-    let outcome =
-        |index: usize| answers[index].result.clone().unwrap_or_else(|| panic!("item {index}: no result"));
-    let reserved = |index: usize| match outcome(index) {
-        Item::Response(response) if response.status == ReserveStatus::Reserved as i32 => response,
-        other => panic!("item {index}: {other:?}"),
-    };
-    let error = |index: usize, code: Code, names: &str| match outcome(index) {
-        Item::Error(error) => {
-            assert_eq!(error.code, code as i32, "item {index}: {}", error.message);
-            assert!(error.message.contains(names), "item {index}: {}", error.message);
-        }
-        other => panic!("item {index}: expected {code:?}, got {other:?}"),
-    };
-    assert_eq!(answers.len(), items.len());
-    let first = reserved(0);
-    match outcome(1) {
-        Item::Response(response) => {
-            assert_eq!(response.status, ReserveStatus::Insufficient as i32);
-            assert_eq!(response.shortfalls.len(), 1, "{response:?}");
-            assert_eq!(response.shortfalls[0].sku, "SKU-B");
-        }
-        other => panic!("item 1: {other:?}"),
-    }
-    error(2, Code::InvalidArgument, "qty");
-    assert_eq!(reserved(3).reservation_id, first.reservation_id, "a replay within the batch");
-    error(4, Code::AlreadyExists, "idempotency_key");
-    let with_ttl = reserved(5);
-    assert!(with_ttl.expires_at.is_some());
-    error(6, Code::InvalidArgument, "DC-404");
+    let answers: Vec<_> = answers
+        .into_iter()
+        .enumerate()
+        .map(|(index, item)| match item.result {
+            Some(Item::Response(response)) => Ok(response),
+            Some(Item::Error(error)) => Err(error),
+            None => panic!("item {index}: no result"),
+        })
+        .collect();
+    let (first, with_ttl) = check_mixed_answers(&answers);
     // Only items 0 and 5 hold stock: 4 + 3.
     let held = position(&mut daemon.client, "SKU-A", "DC-1").await;
     assert_eq!((held.on_hand, held.reserved), (10, 7));
@@ -1710,15 +1734,7 @@ async fn reserve_stream_answers_each_item_in_order_once_durable() {
         vec![stock("SKU-A", "DC-1", 10), stock("SKU-B", "DC-1", 1), stock("SKU-C", "DC-1", 5_000)],
     )
     .await;
-    let items = vec![
-        reserve_request("s-ok", vec![line("SKU-A", "DC-1", 4)], 0),
-        reserve_request("s-short", vec![line("SKU-A", "DC-1", 1), line("SKU-B", "DC-1", 2)], 0),
-        reserve_request("s-bad", vec![line("SKU-A", "DC-1", 0)], 0),
-        reserve_request("s-ok", vec![line("SKU-A", "DC-1", 4)], 0),
-        reserve_request("s-ok", vec![line("SKU-A", "DC-1", 5)], 0),
-        reserve_request("s-ghost", vec![line("SKU-A", "DC-404", 1)], 0),
-        reserve_request("s-ttl", vec![line("SKU-A", "DC-1", 3)], 60_000),
-    ];
+    let items = mixed_reserve_items("s");
     let answers: Vec<v1::ReserveStreamResponse> = daemon
         .client
         .reserve_stream(tokio_stream::iter(items.clone()))
@@ -1735,31 +1751,16 @@ async fn reserve_stream_answers_each_item_in_order_once_durable() {
         assert_eq!(answer.idempotency_key, item.idempotency_key, "answers come in request order");
     }
     use v1::reserve_stream_response::Result as Answer;
-    let reserved = |index: usize| match answers[index].result.clone() {
-        Some(Answer::Response(response)) if response.status == ReserveStatus::Reserved as i32 => response,
-        other => panic!("item {index}: {other:?}"),
-    };
-    let error = |index: usize, code: Code, names: &str| match answers[index].result.clone() {
-        Some(Answer::Error(error)) => {
-            assert_eq!(error.code, code as i32, "item {index}: {}", error.message);
-            assert!(error.message.contains(names), "item {index}: {}", error.message);
-        }
-        other => panic!("item {index}: expected {code:?}, got {other:?}"),
-    };
-    let first = reserved(0);
-    match answers[1].result.clone() {
-        Some(Answer::Response(response)) => {
-            assert_eq!(response.status, ReserveStatus::Insufficient as i32);
-            assert_eq!(response.shortfalls[0].sku, "SKU-B");
-        }
-        other => panic!("item 1: {other:?}"),
-    }
-    error(2, Code::InvalidArgument, "qty");
-    assert_eq!(reserved(3).reservation_id, first.reservation_id, "a replay on the stream");
-    error(4, Code::AlreadyExists, "idempotency_key");
-    error(5, Code::InvalidArgument, "DC-404");
-    let with_ttl = reserved(6);
-    assert!(with_ttl.expires_at.is_some());
+    let answers: Vec<_> = answers
+        .into_iter()
+        .enumerate()
+        .map(|(index, answer)| match answer.result {
+            Some(Answer::Response(response)) => Ok(response),
+            Some(Answer::Error(error)) => Err(error),
+            None => panic!("item {index}: no result"),
+        })
+        .collect();
+    let (first, _) = check_mixed_answers(&answers);
     let held = position(&mut daemon.client, "SKU-A", "DC-1").await;
     assert_eq!((held.on_hand, held.reserved), (10, 7));
 

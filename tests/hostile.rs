@@ -2843,12 +2843,7 @@ fn floods_of_connections_and_availability_watches_leave_memory_bounded_and_clien
             rounds: 1,
         },
     );
-    assert!(
-        figures.peak_bytes < RSS_BYTES_MAX,
-        "the daemon's RSS reached {:.1} MiB (bound {:.0} MiB)",
-        figures.peak_bytes as f64 / MIB,
-        RSS_BYTES_MAX as f64 / MIB
-    );
+    assert_rss_bounded(figures.peak_bytes);
 }
 
 #[test]
@@ -2868,10 +2863,15 @@ fn floods_of_event_watches_that_never_read_leave_memory_bounded() {
             rounds: 2,
         },
     );
+    assert_rss_bounded(figures.peak_bytes);
+}
+
+/// The memory bound every flood test asserts: the daemon's peak RSS under RSS_BYTES_MAX.
+fn assert_rss_bounded(peak_bytes: u64) {
     assert!(
-        figures.peak_bytes < RSS_BYTES_MAX,
+        peak_bytes < RSS_BYTES_MAX,
         "the daemon's RSS reached {:.1} MiB (bound {:.0} MiB)",
-        figures.peak_bytes as f64 / MIB,
+        peak_bytes as f64 / MIB,
         RSS_BYTES_MAX as f64 / MIB
     );
 }
@@ -2957,12 +2957,7 @@ fn small_messages_that_decode_into_huge_requests_leave_memory_bounded() {
     let status = daemon.terminate();
     assert!(status.success(), "allotd exited with {status}");
     let (peak, served_during) = measured;
-    assert!(
-        peak < RSS_BYTES_MAX,
-        "the daemon's RSS reached {:.1} MiB (bound {:.0} MiB)",
-        peak as f64 / MIB,
-        RSS_BYTES_MAX as f64 / MIB
-    );
+    assert_rss_bounded(peak);
     assert!(
         served_during < SERVED_WITHIN,
         "a normal client waited {served_during:?} during the decoding flood"

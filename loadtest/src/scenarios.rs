@@ -379,15 +379,7 @@ impl Request<'_> {
         };
         use v1::reserve_stream_response::Result as Answer;
         match answer.result {
-            Some(Answer::Response(response))
-                if response.status == v1::reserve_response::Status::Reserved as i32 =>
-            {
-                Some(response.reservation_id)
-            }
-            Some(Answer::Response(_)) => {
-                self.timer.mark("INSUFFICIENT");
-                None
-            }
+            Some(Answer::Response(response)) => self.reserved(response),
             Some(Answer::Error(error)) => {
                 self.timer.fail(tonic::Code::from(error.code));
                 None
@@ -403,6 +395,11 @@ impl Request<'_> {
     async fn reserve(&mut self) -> Option<String> {
         let request = self.reserve_request(self.key());
         let response = self.timer.call(OpKind::Reserve, self.clients.inventory.reserve(request)).await?;
+        self.reserved(response)
+    }
+
+    /// The reservation id of a RESERVED answer; an INSUFFICIENT one is marked as that outcome.
+    fn reserved(&mut self, response: v1::ReserveResponse) -> Option<String> {
         if response.status == v1::reserve_response::Status::Reserved as i32 {
             Some(response.reservation_id)
         } else {
