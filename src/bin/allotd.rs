@@ -108,6 +108,17 @@ fn main() -> ExitCode {
     };
     let config_path = flags.config.clone();
     runtime.block_on(async move {
+        // The handlers go in before the daemon starts (and says it serves): a SIGTERM or SIGHUP
+        // that came between "serving" and a later installation killed the process with the
+        // default action instead of a graceful shutdown (seen in a test that stops the daemon
+        // right after it is ready).
+        let signals = match Signals::install() {
+            Ok(signals) => signals,
+            Err(error) => {
+                eprintln!("allotd: installing the signal handlers: {error}");
+                return ExitCode::from(1);
+            }
+        };
         let running = match allot::server::start(config, Arc::new(SystemClock)).await {
             Ok(running) => running,
             Err(error) => {
@@ -122,12 +133,16 @@ fn main() -> ExitCode {
         // SAFETY: mi_collect only walks mimalloc's own heaps; any thread may call it any time.
         unsafe { libmimalloc_sys::mi_collect(true) };
         let trigger = running.shutdown_trigger();
+        let Signals { mut terminate, mut interrupt, hangup } = signals;
         tokio::spawn(async move {
-            wait_for_signal().await;
+            tokio::select! {
+                _ = interrupt.recv() => tracing::info!("SIGINT received"),
+                _ = terminate.recv() => tracing::info!("SIGTERM received"),
+            }
             trigger.send_replace(true);
         });
         let core = running.core.clone();
-        tokio::spawn(async move { reload_on_sighup(config_path, core).await });
+        tokio::spawn(async move { reload_on_sighup(hangup, config_path, core).await });
         running.wait().await;
         ExitCode::SUCCESS
     })
@@ -135,12 +150,11 @@ fn main() -> ExitCode {
 
 /// SIGHUP re-reads the configuration file and applies what can change at run time (the
 /// routing rules); anything else needs a restart and is left as it is.
-async fn reload_on_sighup(config_path: Option<PathBuf>, core: Arc<allot::api::Core>) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let Ok(mut hangup) = signal(SignalKind::hangup()) else {
-        tracing::warn!("cannot install the SIGHUP handler; configuration reload is off");
-        return;
-    };
+async fn reload_on_sighup(
+    mut hangup: tokio::signal::unix::Signal,
+    config_path: Option<PathBuf>,
+    core: Arc<allot::api::Core>,
+) {
     while hangup.recv().await.is_some() {
         let Some(path) = &config_path else {
             tracing::info!("SIGHUP: running on the embedded defaults, nothing to reload");
@@ -158,12 +172,23 @@ async fn reload_on_sighup(config_path: Option<PathBuf>, core: Arc<allot::api::Co
     }
 }
 
-async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut terminate = signal(SignalKind::terminate()).expect("installing the SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
-        _ = terminate.recv() => tracing::info!("SIGTERM received"),
+/// The signals allotd handles, registered at once (tokio installs a handler when the stream
+/// is created, not when it is first awaited).
+struct Signals {
+    terminate: tokio::signal::unix::Signal,
+    interrupt: tokio::signal::unix::Signal,
+    /// SIGHUP re-reads the configuration.
+    hangup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> std::io::Result<Signals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Signals {
+            terminate: signal(SignalKind::terminate())?,
+            interrupt: signal(SignalKind::interrupt())?,
+            hangup: signal(SignalKind::hangup())?,
+        })
     }
 }
 
