@@ -285,7 +285,11 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Running, Sta
     let drain = Duration::from_millis(config.server.shutdown_drain_ms);
     let shutdown_core = core.clone();
     let shutdown_health = health_reporter.clone();
-    let serve_signal = async move {
+    // Step one runs in a task of its own: tonic polls its shutdown signal only while it
+    // accepts, and our incoming stream (`accepted`) ends at the same signal, so tonic could stop
+    // accepting without ever completing the signal future. Then nothing refused new work or
+    // ended the watches and ReserveStreams, and the drain waited its full time.
+    let step_one = tokio::spawn(async move {
         let _ = stop_serving.wait_for(|stop| *stop).await;
         // Step one: tell load balancers, refuse new work, end watches so in-flight calls drain.
         shutdown_health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
@@ -298,6 +302,9 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Running, Sta
         shutdown_core.feed.close();
         shutdown_core.events.close();
         tracing::info!("shutting down: not serving, draining in-flight requests");
+    });
+    let serve_signal = async move {
+        let _ = step_one.await;
     };
     let server = builder
         .tcp_nodelay(true)
