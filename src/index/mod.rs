@@ -61,14 +61,15 @@ pub struct IndexOptions {
 /// The node table, replaced whole on every UpsertNodes (readers never lock).
 #[derive(Debug, Default)]
 pub struct NodeTable {
-    by_id: std::collections::HashMap<NodeId, Arc<Node>>,
+    /// Looked up several times per reservation: foldhash, not SipHash.
+    by_id: std::collections::HashMap<NodeId, Arc<Node>, FastHash>,
     /// The same nodes ordered by id (routing walks them in this order).
     sorted_nodes: Vec<Arc<Node>>,
 }
 
 impl NodeTable {
     fn new(nodes: impl IntoIterator<Item = Node>) -> Self {
-        let by_id: std::collections::HashMap<NodeId, Arc<Node>> =
+        let by_id: std::collections::HashMap<NodeId, Arc<Node>, FastHash> =
             nodes.into_iter().map(|node| (node.node_id.clone(), Arc::new(node))).collect();
         let mut sorted_nodes: Vec<Arc<Node>> = by_id.values().cloned().collect();
         sorted_nodes.sort_by(|a, b| a.node_id.cmp(&b.node_id));
@@ -238,7 +239,8 @@ pub struct Index {
     /// Both maps have many shards so that growing one (a rehash under its write lock) moves
     /// few entries: with DashMap's default 8, a shard of 100,000 reservations stalled every
     /// request hashing to it for tens of milliseconds while it doubled.
-    reservations: DashMap<u64, Reservation, FastHash>,
+    /// Boxed: a reservation is ~200 bytes, and a growing map moves every entry it holds.
+    reservations: DashMap<u64, Box<Reservation>, FastHash>,
     idempotency: DashMap<IdemMapKey, IdemEntry, FastHash>,
     expiry: ExpiryQueue,
     /// Shipments taken per node on the current capacity day (see `allocate`).
@@ -307,7 +309,7 @@ impl Index {
             {
                 index.expiry.push(reservation.id, expires_at_ms);
             }
-            index.reservations.insert(reservation.id.0, reservation);
+            index.reservations.insert(reservation.id.0, Box::new(reservation));
         }
         for (namespace, key, record) in recovered.idempotency {
             let outcome = match namespace {
@@ -746,7 +748,7 @@ impl Index {
     }
 
     pub fn reservation(&self, id: ReservationId) -> Option<Reservation> {
-        self.reservations.get(&id.0).map(|entry| entry.value().clone())
+        self.reservations.get(&id.0).map(|entry| Reservation::clone(entry.value()))
     }
 
     // ----- reservations ------------------------------------------------------------------
@@ -877,7 +879,7 @@ impl Index {
         if let Some(expires_at_ms) = reservation.expires_at_ms {
             self.expiry.push(reservation.id, expires_at_ms);
         }
-        self.reservations.insert(reservation.id.0, reservation);
+        self.reservations.insert(reservation.id.0, Box::new(reservation));
     }
 
     /// Confirm, extend, release or expire a reservation. `reference` replaces the reservation's
@@ -909,7 +911,7 @@ impl Index {
             && reservation.expires_at_ms.is_some_and(|expires_at_ms| expires_at_ms <= now_ms);
         if transition == Transition::Expire && !due {
             // Extended, confirmed or released since the sweep queued it: nothing to do.
-            let current = reservation.clone();
+            let current = Reservation::clone(&reservation);
             return Ok(Pending { value: current, ack: None });
         }
         // A hold past its expires_at is expired whether or not the sweep has reached it: expire
@@ -920,7 +922,7 @@ impl Index {
                 return Err(IndexError::FailedPrecondition(format!("reservation {id}: {reason}")));
             }
             TransitionOutcome::NoOp => {
-                let current = reservation.clone();
+                let current = Reservation::clone(&reservation);
                 drop(reservation);
                 drop(locks);
                 drop(slot);
@@ -985,7 +987,7 @@ impl Index {
             Transition::Expire => ("reservation.expired", SYSTEM_ACTOR),
         };
         mutation.audit.push(reservation_event(event_type, &reservation, event_actor));
-        let updated = reservation.clone();
+        let updated = Reservation::clone(&reservation);
         let ack = mutation.acknowledged();
         self.wal.submit(slot, mutation);
         drop(reservation);

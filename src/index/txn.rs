@@ -156,7 +156,7 @@ impl Txn<'_> {
         };
         self.write_reservation(&reservation);
         self.index.open_reservation_count.fetch_add(1, Ordering::Relaxed);
-        self.index.reservations.insert(id.0, reservation.clone());
+        self.index.reservations.insert(id.0, Box::new(reservation.clone()));
         reservation
     }
 
@@ -222,7 +222,7 @@ impl Txn<'_> {
         );
         reservation.status = status;
         reservation.updated_at_ms = self.now_ms;
-        let closed = reservation.clone();
+        let closed = Reservation::clone(&reservation);
         drop(reservation);
         self.index.open_reservation_count.fetch_sub(1, Ordering::Relaxed);
         if status == ReservationStatus::Released

@@ -31,6 +31,7 @@ pub enum Cf {
 }
 
 impl Cf {
+    /// In declaration order: `ALL[cf as usize] == cf`.
     pub const ALL: [Cf; 9] = [
         Cf::Nodes,
         Cf::Positions,
@@ -63,6 +64,18 @@ impl Cf {
             Cf::Orders => "orders",
             Cf::Fulfilment => "fulfilment_orders",
             Cf::Returns => "returns",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Cf;
+
+    #[test]
+    fn all_is_in_declaration_order() {
+        for (index, cf) in Cf::ALL.iter().enumerate() {
+            assert_eq!(*cf as usize, index, "{cf:?}");
         }
     }
 }

@@ -224,6 +224,8 @@ fn commit_loop(
     let mut reservation_id_high = 0u64;
     let mut reservation_id_written = 0u64;
     let mut batch: Vec<Mutation> = Vec::with_capacity(options.batch_len_max);
+    // Looked up once: `Store::cf` finds a handle by name, and every put needs one.
+    let handles = Handles(Cf::ALL.map(|cf| store.cf(cf)));
     while let Ok(first) = receiver.recv() {
         batch.push(first);
         while batch.len() < options.batch_len_max {
@@ -240,15 +242,15 @@ fn commit_loop(
         for mutation in &mut batch {
             for op in mutation.ops.drain(..) {
                 match op {
-                    Op::Put { cf, key, value } => write_batch.put_cf(store.cf(cf), key, value),
-                    Op::Delete { cf, key } => write_batch.delete_cf(store.cf(cf), key),
+                    Op::Put { cf, key, value } => write_batch.put_cf(handles.cf(cf), key, value),
+                    Op::Delete { cf, key } => write_batch.delete_cf(handles.cf(cf), key),
                 }
             }
             for mut change in mutation.changes.drain(..) {
                 sequence += 1;
                 change.sequence = sequence;
                 let value = records::encode(Kind::Change, &ChangeRecord::from_change(&change));
-                write_batch.put_cf(store.cf(Cf::Events), keys::change(sequence), value);
+                write_batch.put_cf(handles.cf(Cf::Events), keys::change(sequence), value);
                 published.push(change);
             }
             let audit_before = audit_sequence;
@@ -256,13 +258,13 @@ fn commit_loop(
                 audit_sequence += 1;
                 event.sequence = audit_sequence;
                 write_batch.put_cf(
-                    store.cf(Cf::Events),
+                    handles.cf(Cf::Events),
                     keys::audit(audit_sequence),
                     records::encode(Kind::Audit, &AuditRecord::from_event(&event)),
                 );
                 if !event.order_id.is_empty() {
                     write_batch.put_cf(
-                        store.cf(Cf::Events),
+                        handles.cf(Cf::Events),
                         keys::order_history(&event.order_id, audit_sequence),
                         [],
                     );
@@ -271,13 +273,13 @@ fn commit_loop(
             }
             if audit_sequence != audit_before {
                 let value = records::encode(Kind::Counter, &CounterRecord { value: audit_sequence });
-                write_batch.put_cf(store.cf(Cf::Meta), keys::META_LAST_AUDIT_SEQUENCE, value);
+                write_batch.put_cf(handles.cf(Cf::Meta), keys::META_LAST_AUDIT_SEQUENCE, value);
                 // Bounded history, trimmed in steps like the changes. An order's history keys
                 // of trimmed events stay behind and are skipped when read.
                 let keep_from = audit_sequence.saturating_sub(options.event_retention) + 1;
                 if keep_from > events_trimmed_below + options.event_retention / 8 + 1 {
                     write_batch.delete_range_cf(
-                        store.cf(Cf::Events),
+                        handles.cf(Cf::Events),
                         keys::audit(events_trimmed_below),
                         keys::audit(keep_from),
                     );
@@ -291,13 +293,13 @@ fn commit_loop(
         }
         if !published.is_empty() {
             let value = records::encode(Kind::Counter, &CounterRecord { value: sequence });
-            write_batch.put_cf(store.cf(Cf::Meta), keys::META_LAST_SEQUENCE, value);
+            write_batch.put_cf(handles.cf(Cf::Meta), keys::META_LAST_SEQUENCE, value);
             // Bounded history: drop changes older than the retention, in steps so the range
             // delete is rare.
             let keep_from = sequence.saturating_sub(options.change_retention) + 1;
             if keep_from > trimmed_below + options.change_retention / 8 + 1 {
                 write_batch.delete_range_cf(
-                    store.cf(Cf::Events),
+                    handles.cf(Cf::Events),
                     keys::change(trimmed_below),
                     keys::change(keep_from),
                 );
@@ -307,7 +309,7 @@ fn commit_loop(
         }
         if reservation_id_high > reservation_id_written {
             let value = records::encode(Kind::Counter, &CounterRecord { value: reservation_id_high });
-            write_batch.put_cf(store.cf(Cf::Meta), keys::META_NEXT_RESERVATION_ID, value);
+            write_batch.put_cf(handles.cf(Cf::Meta), keys::META_NEXT_RESERVATION_ID, value);
             reservation_id_written = reservation_id_high;
         }
         let started = Instant::now();
@@ -336,6 +338,15 @@ fn commit_loop(
             tracing::info!(last_sequence = sequence, "commit thread stopped");
             return;
         }
+    }
+}
+
+/// The column family handles, by `Cf`.
+struct Handles<'a>([&'a rocksdb::ColumnFamily; Cf::ALL.len()]);
+
+impl<'a> Handles<'a> {
+    fn cf(&self, cf: Cf) -> &'a rocksdb::ColumnFamily {
+        self.0[cf as usize]
     }
 }
 
