@@ -50,6 +50,9 @@ pub struct StoreConfig {
     pub event_retention: u64,
     /// RocksDB memtable size per column family.
     pub write_buffer_bytes: usize,
+    /// Size of a journal segment (the write-ahead journal in `<data_dir>/journal`); each full
+    /// segment makes RocksDB flush, so it also bounds what a restart replays.
+    pub journal_segment_bytes: u64,
     /// Free space the data directory's file system must keep: below it, every write is refused
     /// with RESOURCE_EXHAUSTED before anything changes (reads go on), until space returns. A
     /// write that fails anyway stops the daemon without acknowledging. 0 = no guard.
@@ -120,6 +123,7 @@ impl Default for StoreConfig {
             change_retention: 1_000_000,
             event_retention: 50_000_000,
             write_buffer_bytes: 64 * 1024 * 1024,
+            journal_segment_bytes: 64 * 1024 * 1024,
             disk_free_min_bytes: 256 * 1024 * 1024,
             disk_check_interval_ms: 250,
         }
@@ -299,6 +303,12 @@ impl Config {
             if value == 0 {
                 problems.push(format!("{name} must be at least 1"));
             }
+        }
+        if self.store.journal_segment_bytes < crate::store::journal::SEGMENT_BYTES_MIN {
+            problems.push(format!(
+                "store.journal_segment_bytes must be at least {}",
+                crate::store::journal::SEGMENT_BYTES_MIN
+            ));
         }
         if self.store.change_retention == 0 {
             problems.push("store.change_retention must be at least 1".into());

@@ -153,7 +153,10 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Running, Sta
     let metrics_address =
         metrics_listener.local_addr().map_err(|error| StartError::Other(error.to_string()))?;
 
-    let store_options = StoreOptions { write_buffer_bytes: config.store.write_buffer_bytes };
+    let store_options = StoreOptions {
+        write_buffer_bytes: config.store.write_buffer_bytes,
+        journal_segment_bytes: config.store.journal_segment_bytes,
+    };
     let (store, recovered) = tokio::task::spawn_blocking(move || Store::open(&data_dir, &store_options))
         .await
         .map_err(|error| StartError::Other(error.to_string()))??;

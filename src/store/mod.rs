@@ -5,6 +5,7 @@
 
 pub mod disk;
 pub mod errors;
+pub mod journal;
 pub mod keys;
 pub mod order_records;
 pub mod records;

@@ -8,6 +8,7 @@ use rocksdb::{
     ColumnFamily, ColumnFamilyDescriptor, DB, DBCompressionType, Direction, IteratorMode, Options,
 };
 
+use super::journal::{self, Journal};
 use super::keys::{self, IdemNamespace};
 use super::order_records::{FulfilmentRecord, OrderRecord, ReturnRecord};
 use super::records::{
@@ -20,25 +21,34 @@ use crate::domain::{
 };
 
 /// The format this build writes; a newer one on disk is refused rather than misread.
-const STORE_FORMAT_VERSION: u64 = 1;
+/// 2: the commit thread's writes go to allotd's own journal (`journal/`), not RocksDB's WAL;
+/// a build that reads only format 1 would ignore the journal, so it must refuse format 2.
+const STORE_FORMAT_VERSION: u64 = 2;
 
 #[derive(Debug, Clone)]
 pub struct StoreOptions {
     /// RocksDB block cache and memtable budget hint, in bytes.
     pub write_buffer_bytes: usize,
+    /// Size of a journal segment; a full one makes RocksDB flush (see `journal`).
+    pub journal_segment_bytes: u64,
 }
 
 impl Default for StoreOptions {
     fn default() -> Self {
-        Self { write_buffer_bytes: 64 * 1024 * 1024 }
+        Self { write_buffer_bytes: 64 * 1024 * 1024, journal_segment_bytes: 64 * 1024 * 1024 }
     }
 }
+
+/// The journal's directory inside the data directory.
+const JOURNAL_DIR: &str = "journal";
 
 /// A raw key and value read back from RocksDB.
 type KeyValue = (Box<[u8]>, Box<[u8]>);
 
 pub struct Store {
     db: DB,
+    /// Taken by the commit thread when it starts.
+    journal: parking_lot::Mutex<Option<Journal>>,
     /// Oldest availability change still on disk.
     first_sequence: AtomicU64,
     /// Oldest event still on disk.
@@ -97,6 +107,10 @@ impl Store {
         // One writer (the commit thread): the memtables need no concurrent inserts, which the
         // vector memtables below could not do anyway.
         db_options.set_allow_concurrent_memtable_write(false);
+        // The commit thread writes with RocksDB's WAL off (its journal is allotd's own): every
+        // flush must take all column families at once, so that what is on disk is always the
+        // result of a prefix of the journal, named by its `journal_seq`.
+        db_options.set_atomic_flush(true);
         let descriptors = Cf::ALL.iter().map(|cf| {
             let mut cf_options = Options::default();
             cf_options.set_compression_type(DBCompressionType::Lz4);
@@ -112,13 +126,47 @@ impl Store {
         let db = DB::open_cf_descriptors(&db_options, path, descriptors)?;
         let mut store = Store {
             db,
+            journal: parking_lot::Mutex::new(None),
             first_sequence: AtomicU64::new(1),
             first_event_sequence: AtomicU64::new(1),
             recovered_last_sequence: 0,
             recovered_last_audit_sequence: 0,
         };
+        store.check_format_version()?;
+        let journal = store.replay_journal(&path.join(JOURNAL_DIR), options.journal_segment_bytes)?;
+        *store.journal.lock() = Some(journal);
         let recovered = store.recover()?;
         Ok((store, recovered))
+    }
+
+    /// Applies the journal's records that the flushed state does not hold yet, flushes them,
+    /// and starts the journal after them.
+    fn replay_journal(&self, dir: &Path, segment_bytes: u64) -> Result<Journal, StoreError> {
+        let applied = self.counter(keys::META_JOURNAL_SEQ)?.unwrap_or(0);
+        let recovery = journal::open(dir, applied)?;
+        let replayed = recovery.replay_len();
+        if replayed > 0 {
+            let started = Instant::now();
+            let mut write_options = rocksdb::WriteOptions::default();
+            write_options.disable_wal(true);
+            recovery.replay(|_, payload| {
+                self.db.write_opt(rocksdb::WriteBatch::from_data(payload), &write_options)?;
+                Ok(())
+            })?;
+            self.flush()?;
+            tracing::info!(
+                records = replayed,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "replayed the journal"
+            );
+        }
+        let applied = self.counter(keys::META_JOURNAL_SEQ)?.unwrap_or(0);
+        recovery.start(applied, segment_bytes)
+    }
+
+    /// The journal, for the commit thread (once).
+    pub fn take_journal(&self) -> Option<Journal> {
+        self.journal.lock().take()
     }
 
     pub fn db(&self) -> &DB {
@@ -249,18 +297,20 @@ impl Store {
         Ok((files, bytes))
     }
 
-    /// Flushes memtables (a clean shutdown makes the next start-up faster).
+    /// Flushes every column family's memtable together and waits until it is on disk: the
+    /// journal's records up to then are applied there (and a clean shutdown makes the next
+    /// start-up faster).
     pub fn flush(&self) -> Result<(), StoreError> {
-        for cf in Cf::ALL {
-            self.db.flush_cf(self.cf(cf))?;
-        }
+        let handles: Vec<&ColumnFamily> = Cf::ALL.iter().map(|cf| self.cf(*cf)).collect();
+        let mut options = rocksdb::FlushOptions::default();
+        options.set_wait(true);
+        self.db.flush_cfs_opt(&handles, &options)?;
         Ok(())
     }
 
     fn recover(&mut self) -> Result<Recovered, StoreError> {
         let started = Instant::now();
         let mut recovered = Recovered::default();
-        self.check_format_version()?;
         for (key, value) in self.scan(Cf::Nodes)? {
             let record: NodeRecord = decode(Cf::Nodes, &key, Kind::Node, &value)?;
             recovered.nodes.push(record.into_node().map_err(|error| corrupt(Cf::Nodes, &key, error))?);
@@ -409,8 +459,10 @@ impl Store {
             Some(found) if found > STORE_FORMAT_VERSION => {
                 Err(StoreError::FormatVersion { found: found as u32, supported: STORE_FORMAT_VERSION as u32 })
             }
-            Some(_) => Ok(()),
-            None => {
+            Some(STORE_FORMAT_VERSION) => Ok(()),
+            // An older format (or none yet): RocksDB has replayed its own WAL at open, so the
+            // store is whole; from now on it is written as this format.
+            _ => {
                 let value = records::encode(Kind::Counter, &CounterRecord { value: STORE_FORMAT_VERSION });
                 let mut options = rocksdb::WriteOptions::default();
                 options.set_sync(true);

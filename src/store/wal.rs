@@ -1,7 +1,8 @@
 //! The group-commit thread. Writers hand it `Mutation`s through a bounded crossbeam channel
 //! while they still hold their shard locks (so log order = apply order for every key); the
-//! thread writes everything queued as one `WriteBatch` with `sync = true`, gives availability
-//! changes their sequence numbers, and only then acknowledges the waiters and publishes the
+//! thread builds everything queued into one `WriteBatch`, gives availability changes their
+//! sequence numbers, appends the batch to the journal and fsyncs it (`journal`), applies it to
+//! RocksDB (whose own WAL is off), and only then acknowledges the waiters and publishes the
 //! changes. A failed write or fsync stops the process: memory must never run ahead of disk for
 //! an acknowledged change.
 //!
@@ -18,6 +19,7 @@ use tokio::sync::oneshot;
 
 use super::Cf;
 use super::disk::{DiskGuard, DiskLow};
+use super::journal::{self, Journal};
 use super::keys;
 use super::records::{self, AuditRecord, ChangeRecord, CounterRecord, Kind};
 use super::rocks::Store;
@@ -189,11 +191,22 @@ pub fn start(
         last_event_sequence: last_event_sequence.clone(),
         disk_guard: options.disk_guard.clone(),
     };
+    let mut journal = store.take_journal().expect("the commit thread starts once per store");
+    let requests = journal.attach();
+    let spares = journal.spares();
+    let flushing_store = store.clone();
+    let journal_thread = std::thread::Builder::new()
+        .name("allot-journal".into())
+        .spawn(move || journal::run_journal_thread(&spares, &requests, || flushing_store.flush()))
+        .expect("spawning the journal thread");
     let thread = std::thread::Builder::new()
         .name("allot-commit".into())
         .spawn(move || {
             let sequences = Sequences { changes: &last_sequence, events: &last_event_sequence };
-            commit_loop(&store, &options, &receiver, &queued, &sequences, &mut publisher)
+            commit_loop(&store, &options, &mut journal, &receiver, &queued, &sequences, &mut publisher);
+            // Closing the journal ends the journal thread once its flushes are done.
+            drop(journal);
+            let _ = journal_thread.join();
         })
         .expect("spawning the commit thread");
     (handle, thread)
@@ -208,6 +221,7 @@ struct Sequences<'a> {
 fn commit_loop(
     store: &Store,
     options: &WalOptions,
+    journal: &mut Journal,
     receiver: &Receiver<Mutation>,
     queued: &AtomicUsize,
     sequences: &Sequences<'_>,
@@ -215,8 +229,9 @@ fn commit_loop(
 ) {
     let last_sequence = sequences.changes;
     let last_event_sequence = sequences.events;
+    // The journal has the batch (fsync'd) before RocksDB gets it: RocksDB's WAL is off.
     let mut write_options = WriteOptions::default();
-    write_options.set_sync(options.durability == Durability::Fsync);
+    write_options.disable_wal(true);
     let mut sequence = last_sequence.load(Ordering::Acquire);
     let mut audit_sequence = store.recovered_last_audit_sequence();
     let mut trimmed_below = store.recovered_first_sequence();
@@ -312,15 +327,25 @@ fn commit_loop(
             write_batch.put_cf(handles.cf(Cf::Meta), keys::META_NEXT_RESERVATION_ID, value);
             reservation_id_written = reservation_id_high;
         }
+        let value = records::encode(Kind::Counter, &CounterRecord { value: journal.next_seq() });
+        write_batch.put_cf(handles.cf(Cf::Meta), keys::META_JOURNAL_SEQ, value);
         let started = Instant::now();
         // Fault injection (compiled in only with the `failpoints` feature): a failed append,
         // and a batch appended but whose fsync failed. Both stop the daemon unacknowledged,
-        // exactly like a real failure of write_opt.
+        // exactly like a real failure.
         fail::fail_point!("commit-before-write", |_| fatal("injected: appending a batch failed"));
-        if let Err(error) = store.db().write_opt(write_batch, &write_options) {
-            fatal(&format!("the write-ahead store failed to write and fsync a batch: {error}"));
+        if let Err(error) = journal.append(write_batch.data()) {
+            fatal(&format!("the journal failed to append a batch: {error}"));
+        }
+        if options.durability == Durability::Fsync
+            && let Err(error) = journal.sync()
+        {
+            fatal(&format!("the journal failed to fsync a batch: {error}"));
         }
         fail::fail_point!("commit-after-write", |_| fatal("injected: the fsync of an appended batch failed"));
+        if let Err(error) = store.db().write_opt(write_batch, &write_options) {
+            fatal(&format!("the store failed to apply a journaled batch: {error}"));
+        }
         metrics::histogram!("allot_commit_fsync_seconds").record(started.elapsed().as_secs_f64());
         metrics::histogram!("allot_commit_batch_mutations").record(batch.len() as f64);
         last_sequence.store(sequence, Ordering::Release);

@@ -1,0 +1,604 @@
+//! allotd's own write-ahead journal. The commit thread writes each group commit's RocksDB
+//! `WriteBatch` here and fsyncs it, then applies the batch to RocksDB with RocksDB's own WAL
+//! off, then acknowledges. Why: RocksDB's WAL is a file that grows with every commit, and on
+//! ext4 an fdatasync of a grown file also writes the file's inode, a second synchronous write
+//! per commit (and RocksDB only reuses WAL files under a recovery mode that skips corrupt
+//! records). The journal writes into segments whose blocks already exist, so an fsync writes
+//! the data and flushes the disk cache, nothing more.
+//!
+//! - **Records.** `magic u32 | len u32 | seq u64 | crc u32 | payload`, little-endian; the crc
+//!   covers the seq and the payload. Sequence numbers grow by one per record, forever (the
+//!   next one continues from the highest ever applied). A record never spans two segments.
+//! - **Segments.** Files of `segment_bytes` in `<data>/journal/`, named by a number that only
+//!   says which file is which. A segment is written from its start; what lies after its last
+//!   record is zeros or stale records of an earlier use.
+//! - **What is applied.** Every batch puts its own seq into the meta column family
+//!   (`journal_seq`), and RocksDB flushes all column families together (`atomic_flush`), so
+//!   the flushed state always names the last record it contains.
+//! - **Recovery.** Each segment is read from its start while the records are whole, checksum
+//!   right and consecutive; the records after the applied seq are replayed in order, and must
+//!   follow one another without a gap (a torn last record ends the journal; a valid record
+//!   after a gap is corruption, and the store refuses to open rather than drop it).
+//! - **Reuse.** When the current segment is full, the commit thread moves to a spare and the
+//!   journal thread flushes RocksDB; once the flush is done, the full segment's records are
+//!   all applied on disk and the segment becomes a spare. Stale records in a reused segment
+//!   all carry a seq at or below the applied one, so recovery never replays them.
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crossbeam_channel::{Receiver, Sender};
+use parking_lot::Mutex;
+
+use super::StoreError;
+
+const MAGIC: u32 = 0x4C4E_524A; // "JRNL"
+const HEADER_BYTES: usize = 20;
+/// Spare segments kept for reuse; beyond, an applied segment is deleted.
+const SPARES_MAX: usize = 2;
+/// The smallest segment (a record larger than a segment gets a segment of its own size).
+pub const SEGMENT_BYTES_MIN: u64 = 1024 * 1024;
+/// A journal that has no full-size segment yet starts (and, if no spare is ready, goes on) in
+/// segments this small: a new store zero-fills only this much before serving, and the
+/// full-size spares are prepared in the background once the journal is half through one.
+const SMALL_SEGMENT_BYTES: u64 = 8 * 1024 * 1024;
+const SEGMENT_SUFFIX: &str = ".jnl";
+
+fn io_error(path: &Path, source: std::io::Error) -> StoreError {
+    StoreError::Io { path: path.display().to_string(), source }
+}
+
+fn corrupt(path: &Path, reason: String) -> StoreError {
+    StoreError::Corrupt { cf: "journal", key: path.display().to_string(), reason }
+}
+
+/// One segment file.
+struct Segment {
+    file: File,
+    path: PathBuf,
+    len: u64,
+}
+
+/// Where a valid record lies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Location {
+    seq: u64,
+    segment: usize,
+    offset: u64,
+    len: u32,
+}
+
+/// What `open` found on disk: the records to replay, in order, and the segments.
+pub struct Recovery {
+    segments: Vec<Segment>,
+    replay: Vec<Location>,
+    /// The highest seq of any valid record found, replayed or not.
+    highest_seq: u64,
+    dir: PathBuf,
+    next_number: u64,
+}
+
+impl Recovery {
+    /// How many records `replay` will hand over.
+    pub fn replay_len(&self) -> usize {
+        self.replay.len()
+    }
+
+    /// Calls `apply` with each record to replay, in sequence order.
+    pub fn replay(
+        &self,
+        mut apply: impl FnMut(u64, &[u8]) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        let mut payload = Vec::new();
+        for location in &self.replay {
+            let segment = &self.segments[location.segment];
+            payload.resize(location.len as usize, 0);
+            segment
+                .file
+                .read_exact_at(&mut payload, location.offset + HEADER_BYTES as u64)
+                .map_err(|error| io_error(&segment.path, error))?;
+            apply(location.seq, &payload)?;
+        }
+        Ok(())
+    }
+
+    /// Starts the journal after the replayed records are applied on disk (flushed): every
+    /// segment found becomes a spare (the extras are deleted), and the first record written
+    /// gets a seq above every seq found and `applied`.
+    pub fn start(self, applied: u64, segment_bytes: u64) -> Result<Journal, StoreError> {
+        let segment_bytes = segment_bytes.max(SEGMENT_BYTES_MIN);
+        let mut segments = self.segments;
+        // The largest first: it becomes the current segment if big enough, the next ones
+        // spares, and the rest are deleted.
+        segments.sort_by_key(|segment| std::cmp::Reverse(segment.len));
+        for extra in segments.drain((SPARES_MAX + 1).min(segments.len())..) {
+            std::fs::remove_file(&extra.path).map_err(|error| io_error(&extra.path, error))?;
+        }
+        let shared = Arc::new(Shared {
+            dir: self.dir,
+            segment_bytes,
+            spares: Mutex::new(Vec::new()),
+            next_number: Mutex::new(self.next_number),
+        });
+        let current = if segments.first().is_some_and(|segment| segment.len >= segment_bytes) {
+            segments.remove(0)
+        } else {
+            shared.create(segment_bytes.min(SMALL_SEGMENT_BYTES), true)?
+        };
+        for segment in segments {
+            shared.retire(segment);
+        }
+        Ok(Journal {
+            shared,
+            segment_bytes,
+            current,
+            offset: 0,
+            next_seq: self.highest_seq.max(applied) + 1,
+            buffer: Vec::new(),
+            recycler: None,
+            prepare_requested: false,
+        })
+    }
+}
+
+/// Reads every segment in `dir` (creating `dir` if missing) and finds the records after
+/// `applied`.
+pub fn open(dir: &Path, applied: u64) -> Result<Recovery, StoreError> {
+    std::fs::create_dir_all(dir).map_err(|error| io_error(dir, error))?;
+    let mut segments = Vec::new();
+    let mut next_number = 1;
+    let entries = std::fs::read_dir(dir).map_err(|error| io_error(dir, error))?;
+    for entry in entries {
+        let entry = entry.map_err(|error| io_error(dir, error))?;
+        let path = entry.path();
+        let Some(number) = path
+            .file_name()
+            .and_then(|name| name.to_str())
+            .and_then(|name| name.strip_suffix(SEGMENT_SUFFIX))
+            .and_then(|number| number.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        next_number = next_number.max(number + 1);
+        let file =
+            File::options().read(true).write(true).open(&path).map_err(|error| io_error(&path, error))?;
+        let len = file.metadata().map_err(|error| io_error(&path, error))?.len();
+        segments.push(Segment { file, path, len });
+    }
+    // Each segment's valid prefix: whole records, checksums right, seqs consecutive.
+    let mut runs: Vec<Vec<Location>> = Vec::new();
+    let mut highest_seq = 0;
+    for (index, segment) in segments.iter_mut().enumerate() {
+        let run = read_run(index, segment)?;
+        if let Some(last) = run.last() {
+            highest_seq = highest_seq.max(last.seq);
+        }
+        runs.push(run);
+    }
+    // The chain after `applied`: each next seq from whichever run holds it.
+    let mut by_seq: std::collections::HashMap<u64, Location> = std::collections::HashMap::new();
+    for location in runs.iter().flatten().filter(|location| location.seq > applied) {
+        if let Some(other) = by_seq.insert(location.seq, *location) {
+            return Err(corrupt(
+                dir,
+                format!(
+                    "record {} appears in two segments ({} and {})",
+                    location.seq, other.segment, location.segment
+                ),
+            ));
+        }
+    }
+    let mut replay = Vec::with_capacity(by_seq.len());
+    let mut next = applied + 1;
+    while let Some(location) = by_seq.remove(&next) {
+        replay.push(location);
+        next += 1;
+    }
+    if let Some(orphan) = by_seq.keys().min() {
+        return Err(corrupt(
+            dir,
+            format!(
+                "record {orphan} is whole but record {next} before it is missing or damaged; \
+                 refusing to start without it (the last record applied is {applied})"
+            ),
+        ));
+    }
+    Ok(Recovery { segments, replay, highest_seq, dir: dir.to_path_buf(), next_number })
+}
+
+/// The valid records at the start of `segment`.
+fn read_run(index: usize, segment: &mut Segment) -> Result<Vec<Location>, StoreError> {
+    let mut run = Vec::new();
+    let mut reader = std::io::BufReader::with_capacity(1 << 20, &segment.file);
+    reader.seek(SeekFrom::Start(0)).map_err(|error| io_error(&segment.path, error))?;
+    let mut offset = 0u64;
+    let mut header = [0u8; HEADER_BYTES];
+    let mut payload = Vec::new();
+    while offset + HEADER_BYTES as u64 <= segment.len {
+        if reader.read_exact(&mut header).is_err() {
+            break;
+        }
+        let magic = u32::from_le_bytes(header[0..4].try_into().expect("4 bytes"));
+        let len = u32::from_le_bytes(header[4..8].try_into().expect("4 bytes"));
+        let seq = u64::from_le_bytes(header[8..16].try_into().expect("8 bytes"));
+        let crc = u32::from_le_bytes(header[16..20].try_into().expect("4 bytes"));
+        let end = offset + HEADER_BYTES as u64 + u64::from(len);
+        if magic != MAGIC || end > segment.len {
+            break;
+        }
+        if let Some(previous) = run.last().map(|location: &Location| location.seq)
+            && seq != previous + 1
+        {
+            break;
+        }
+        payload.resize(len as usize, 0);
+        if reader.read_exact(&mut payload).is_err() || checksum(seq, &payload) != crc {
+            break;
+        }
+        run.push(Location { seq, segment: index, offset, len });
+        offset = end;
+    }
+    Ok(run)
+}
+
+fn checksum(seq: u64, payload: &[u8]) -> u32 {
+    let mut hasher = crc32fast::Hasher::new();
+    hasher.update(&seq.to_le_bytes());
+    hasher.update(payload);
+    hasher.finalize()
+}
+
+/// State shared by the commit thread's journal and the journal thread.
+struct Shared {
+    dir: PathBuf,
+    segment_bytes: u64,
+    /// Segments whose records are all applied on disk, ready to be written again.
+    spares: Mutex<Vec<Segment>>,
+    next_number: Mutex<u64>,
+}
+
+impl Shared {
+    /// A new segment of `len` bytes. `zeroed`: its blocks are written (zeros), so writing into
+    /// it later changes no file metadata; otherwise they are only allocated (fast to create,
+    /// but the first pass over it pays a metadata write per fsync, as a growing file would).
+    fn create(&self, len: u64, zeroed: bool) -> Result<Segment, StoreError> {
+        let number = {
+            let mut next = self.next_number.lock();
+            *next += 1;
+            *next - 1
+        };
+        let path = self.dir.join(format!("{number:016}{SEGMENT_SUFFIX}"));
+        let mut file = File::options()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(|error| io_error(&path, error))?;
+        if zeroed {
+            let zeros = vec![0u8; 1 << 20];
+            let mut left = len;
+            while left > 0 {
+                let chunk = left.min(zeros.len() as u64) as usize;
+                file.write_all(&zeros[..chunk]).map_err(|error| io_error(&path, error))?;
+                left -= chunk as u64;
+            }
+        } else if let Err(error) = rustix::fs::fallocate(&file, rustix::fs::FallocateFlags::empty(), 0, len) {
+            // A file system without fallocate: a sparse file of that length (its first pass
+            // allocates as it goes).
+            tracing::debug!(%error, "fallocate is not available for the journal");
+            file.set_len(len).map_err(|error| io_error(&path, error))?;
+        }
+        file.sync_all().map_err(|error| io_error(&path, error))?;
+        File::open(&self.dir).and_then(|dir| dir.sync_all()).map_err(|error| io_error(&self.dir, error))?;
+        Ok(Segment { file, path, len })
+    }
+
+    /// A spare of at least `len` bytes, if one is ready.
+    fn take_spare(&self, len: u64) -> Option<Segment> {
+        let mut spares = self.spares.lock();
+        let index = spares.iter().position(|segment| segment.len >= len)?;
+        Some(spares.swap_remove(index))
+    }
+
+    /// A segment whose records are all applied: kept as a spare, or deleted (when enough
+    /// are kept, or when it is smaller than a full segment).
+    fn retire(&self, segment: Segment) {
+        let mut spares = self.spares.lock();
+        if spares.len() < SPARES_MAX && segment.len >= self.segment_bytes {
+            spares.push(segment);
+        } else {
+            drop(spares);
+            if let Err(error) = std::fs::remove_file(&segment.path) {
+                tracing::warn!(path = %segment.path.display(), %error, "removing an applied journal segment");
+            }
+        }
+    }
+}
+
+/// Work for the journal thread.
+pub enum Request {
+    /// A full segment whose last record is `last_seq`: flush, then reuse it.
+    Retire { segment: SealedSegment, last_seq: u64 },
+    /// Prepare a zeroed spare of this size unless one is ready.
+    Prepare(u64),
+}
+
+/// A full segment on its way to the journal thread.
+pub struct SealedSegment(Segment);
+
+/// The commit thread's side: appends records and fsyncs them.
+pub struct Journal {
+    shared: Arc<Shared>,
+    segment_bytes: u64,
+    current: Segment,
+    offset: u64,
+    next_seq: u64,
+    /// Header and payload of the record being written (reused).
+    buffer: Vec<u8>,
+    recycler: Option<Sender<Request>>,
+    prepare_requested: bool,
+}
+
+impl Journal {
+    /// The seq the next record gets.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    /// Appends record `next_seq()` holding `payload` (durable after `sync`).
+    pub fn append(&mut self, payload: &[u8]) -> Result<u64, StoreError> {
+        let len = u32::try_from(payload.len())
+            .map_err(|_| corrupt(&self.current.path, format!("a batch of {} bytes", payload.len())))?;
+        let need = HEADER_BYTES as u64 + u64::from(len);
+        if self.offset + need > self.current.len {
+            self.switch(need)?;
+        }
+        let seq = self.next_seq;
+        self.buffer.clear();
+        self.buffer.extend_from_slice(&MAGIC.to_le_bytes());
+        self.buffer.extend_from_slice(&len.to_le_bytes());
+        self.buffer.extend_from_slice(&seq.to_le_bytes());
+        self.buffer.extend_from_slice(&checksum(seq, payload).to_le_bytes());
+        self.buffer.extend_from_slice(payload);
+        self.current
+            .file
+            .write_all_at(&self.buffer, self.offset)
+            .map_err(|error| io_error(&self.current.path, error))?;
+        self.offset += need;
+        self.next_seq += 1;
+        if !self.prepare_requested && self.offset > self.current.len / 2 {
+            // Half full: have a zeroed spare ready before it is needed.
+            self.prepare_requested = true;
+            if let Some(recycler) = &self.recycler {
+                let _ = recycler.send(Request::Prepare(self.segment_bytes));
+            }
+        }
+        Ok(seq)
+    }
+
+    /// Makes every appended record durable (fdatasync of the current segment: the records
+    /// in earlier segments were synced before the journal left them).
+    pub fn sync(&self) -> Result<(), StoreError> {
+        self.current.file.sync_data().map_err(|error| io_error(&self.current.path, error))
+    }
+
+    /// Moves to a segment with room for `need` bytes; the full one goes to the journal thread.
+    fn switch(&mut self, need: u64) -> Result<(), StoreError> {
+        // Records still unsynced (buffered durability) are synced before the segment is left,
+        // so `sync` never has to look back.
+        self.sync()?;
+        let need = need.next_multiple_of(SEGMENT_BYTES_MIN);
+        let next = match self.shared.take_spare(self.segment_bytes.max(need)) {
+            Some(spare) => spare,
+            // No full-size spare is ready: a small one, only allocated (its first pass costs a
+            // metadata write per fsync, so it is kept short), until the prepared one is.
+            None => self.shared.create(need.max(self.segment_bytes.min(SMALL_SEGMENT_BYTES)), false)?,
+        };
+        let full = std::mem::replace(&mut self.current, next);
+        self.offset = 0;
+        self.prepare_requested = false;
+        let last_seq = self.next_seq - 1;
+        match &self.recycler {
+            Some(recycler) => {
+                if recycler.send(Request::Retire { segment: SealedSegment(full), last_seq }).is_err() {
+                    // The journal thread is gone (shutting down): the segment stays on disk
+                    // and the next start-up reads it.
+                }
+            }
+            None => drop(full),
+        }
+        Ok(())
+    }
+
+    /// Connects the journal thread (see `run_journal_thread`).
+    pub fn attach(&mut self) -> Receiver<Request> {
+        let (sender, receiver) = crossbeam_channel::unbounded();
+        self.recycler = Some(sender);
+        receiver
+    }
+
+    /// What the journal thread needs to reuse segments.
+    pub fn spares(&self) -> JournalSpares {
+        JournalSpares(self.shared.clone())
+    }
+}
+
+/// The journal thread's handle on the spare segments.
+pub struct JournalSpares(Arc<Shared>);
+
+/// The journal thread: flushes RocksDB for each full segment (`flush_all` must flush every
+/// column family together and return once it is on disk), then keeps the segment as a spare;
+/// prepares zeroed spares on request. Ends when the journal is dropped.
+pub fn run_journal_thread(
+    spares: &JournalSpares,
+    requests: &Receiver<Request>,
+    mut flush_all: impl FnMut() -> Result<(), StoreError>,
+) {
+    let shared = &spares.0;
+    while let Ok(request) = requests.recv() {
+        match request {
+            Request::Retire { segment: SealedSegment(segment), last_seq } => match flush_all() {
+                Ok(()) => shared.retire(segment),
+                // The segment stays on disk (not reused): its records are replayed at the
+                // next start-up if the flush never happens.
+                Err(error) => {
+                    tracing::error!(%error, last_seq, "flushing the store for a full journal segment failed");
+                }
+            },
+            Request::Prepare(len) => {
+                if shared.spares.lock().iter().any(|segment| segment.len >= len) {
+                    continue;
+                }
+                match shared.create(len, true) {
+                    Ok(segment) => shared.retire(segment),
+                    Err(error) => tracing::warn!(%error, "preparing a journal segment failed"),
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, applied: u64, segment_bytes: u64, payloads: &[Vec<u8>]) -> Journal {
+        let mut journal = open(dir, applied).unwrap().start(applied, segment_bytes).unwrap();
+        for payload in payloads {
+            journal.append(payload).unwrap();
+        }
+        journal.sync().unwrap();
+        journal
+    }
+
+    fn replayed(dir: &Path, applied: u64) -> Vec<(u64, Vec<u8>)> {
+        let mut found = Vec::new();
+        open(dir, applied)
+            .unwrap()
+            .replay(|seq, payload| {
+                found.push((seq, payload.to_vec()));
+                Ok(())
+            })
+            .unwrap();
+        found
+    }
+
+    fn payload(n: u64, len: usize) -> Vec<u8> {
+        (0..len).map(|i| (n as usize + i) as u8).collect()
+    }
+
+    #[test]
+    fn replays_the_records_after_the_applied_one_across_segments() {
+        let dir = tempfile::tempdir().unwrap();
+        // 1 MiB segments and 300 KB records: three records per segment, four segments.
+        let payloads: Vec<Vec<u8>> = (1..=10).map(|n| payload(n, 300_000)).collect();
+        let journal = write(dir.path(), 0, SEGMENT_BYTES_MIN, &payloads);
+        assert_eq!(journal.next_seq(), 11);
+        drop(journal);
+        let found = replayed(dir.path(), 4);
+        assert_eq!(found.iter().map(|(seq, _)| *seq).collect::<Vec<_>>(), (5..=10).collect::<Vec<_>>());
+        for (seq, bytes) in found {
+            assert_eq!(bytes, payloads[seq as usize - 1]);
+        }
+        assert!(replayed(dir.path(), 10).is_empty());
+    }
+
+    #[test]
+    fn a_torn_last_record_ends_the_journal() {
+        let dir = tempfile::tempdir().unwrap();
+        let payloads: Vec<Vec<u8>> = (1..=3).map(|n| payload(n, 1000)).collect();
+        drop(write(dir.path(), 0, SEGMENT_BYTES_MIN, &payloads));
+        let segment = std::fs::read_dir(dir.path()).unwrap().next().unwrap().unwrap().path();
+        let file = File::options().write(true).open(&segment).unwrap();
+        // Damage the last record's payload: the first two remain.
+        let third = 2 * (HEADER_BYTES as u64 + 1000);
+        file.write_all_at(b"torn", third + HEADER_BYTES as u64 + 500).unwrap();
+        assert_eq!(replayed(dir.path(), 0).len(), 2);
+        // The damaged record was never whole: the next one written takes its seq.
+        let recovery = open(dir.path(), 0).unwrap();
+        let journal = recovery.start(2, SEGMENT_BYTES_MIN).unwrap();
+        assert_eq!(journal.next_seq(), 3);
+    }
+
+    #[test]
+    fn a_whole_record_after_a_damaged_one_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let payloads: Vec<Vec<u8>> = (1..=6).map(|n| payload(n, 300_000)).collect();
+        drop(write(dir.path(), 0, SEGMENT_BYTES_MIN, &payloads));
+        // Records 1-3 are in one segment, 4-6 in another: damage record 2.
+        let mut damaged = false;
+        for entry in std::fs::read_dir(dir.path()).unwrap() {
+            let path = entry.unwrap().path();
+            let file = File::options().read(true).write(true).open(&path).unwrap();
+            let mut header = [0u8; HEADER_BYTES];
+            file.read_exact_at(&mut header, 0).unwrap();
+            if u64::from_le_bytes(header[8..16].try_into().unwrap()) == 1 {
+                file.write_all_at(b"damage", (HEADER_BYTES as u64 + 300_000) + HEADER_BYTES as u64 + 10)
+                    .unwrap();
+                damaged = true;
+            }
+        }
+        assert!(damaged);
+        let error = open(dir.path(), 0).err().expect("a gap is refused");
+        assert!(error.to_string().contains("record 2 before it is missing"), "{error}");
+        // Once record 3 and below are applied (flushed), the damage no longer matters.
+        assert_eq!(replayed(dir.path(), 3).len(), 3);
+    }
+
+    #[test]
+    fn a_reused_segment_replays_only_its_new_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let old: Vec<Vec<u8>> = (1..=3).map(|n| payload(n, 100_000)).collect();
+        drop(write(dir.path(), 0, SEGMENT_BYTES_MIN, &old));
+        // All three applied; the segment is reused from its start for shorter records.
+        let new: Vec<Vec<u8>> = (4..=5).map(|n| payload(n, 10)).collect();
+        let journal = write(dir.path(), 3, SEGMENT_BYTES_MIN, &new);
+        assert_eq!(journal.next_seq(), 6);
+        drop(journal);
+        let found = replayed(dir.path(), 3);
+        assert_eq!(found.iter().map(|(seq, _)| *seq).collect::<Vec<_>>(), vec![4, 5]);
+        assert_eq!(found[1].1, new[1]);
+    }
+
+    #[test]
+    fn a_record_larger_than_a_segment_gets_a_segment_of_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let payloads = vec![payload(1, 10), payload(2, 3 * SEGMENT_BYTES_MIN as usize), payload(3, 10)];
+        drop(write(dir.path(), 0, SEGMENT_BYTES_MIN, &payloads));
+        let found = replayed(dir.path(), 0);
+        assert_eq!(found.len(), 3);
+        assert_eq!(found[1].1, payloads[1]);
+    }
+
+    #[test]
+    fn the_journal_thread_reuses_a_full_segment_after_the_flush() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut journal = open(dir.path(), 0).unwrap().start(0, SEGMENT_BYTES_MIN).unwrap();
+        let requests = journal.attach();
+        let spares = journal.spares();
+        let flushed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = flushed.clone();
+        let thread = std::thread::spawn(move || {
+            run_journal_thread(&spares, &requests, || {
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                Ok(())
+            })
+        });
+        for n in 1..=40 {
+            journal.append(&payload(n, 200_000)).unwrap();
+            journal.sync().unwrap();
+        }
+        drop(journal);
+        thread.join().unwrap();
+        // 40 records of 200 KB fill eight 1 MiB segments (five each): seven flushes.
+        assert_eq!(flushed.load(std::sync::atomic::Ordering::SeqCst), 7);
+        // Spares are bounded: the current segment plus at most SPARES_MAX others remain.
+        let files = std::fs::read_dir(dir.path()).unwrap().count();
+        assert!(files <= 1 + SPARES_MAX, "{files} segment files");
+        // Everything is still readable from the applied point the flushes reached.
+        assert_eq!(replayed(dir.path(), 35).len(), 5);
+    }
+}
