@@ -24,6 +24,7 @@ and once health (the transport's ceiling, no storage).
   --no-build           use the binaries already in target/release (or \$ALLOT_BIN_DIR)
   --bin-dir DIR        take allotd and allot-load from DIR (implies --no-build)
   --batch N            items per ReserveBatch call in the batched case (default $BATCH)
+  --batch-callers N    callers in the batched case (default $BATCH_CALLERS)
 EOF
     common_usage
 }
@@ -33,6 +34,7 @@ script_flag() {
         --no-build) BUILD=0; return 2 ;;
         --bin-dir) BIN_DIR="${2:?--bin-dir needs a value}"; BUILD=0 ;;
         --batch) BATCH="${2:?--batch needs a value}" ;;
+        --batch-callers) BATCH_CALLERS="${2:?--batch-callers needs a value}" ;;
         --modes) MODES="${2:?--modes needs a value}" ;;
         *) return 1 ;;
     esac
@@ -40,6 +42,7 @@ script_flag() {
 
 parse_common_flags "$@"
 [[ "$BATCH" =~ ^[1-9][0-9]*$ ]] || die "--batch must be a positive whole number"
+[[ "$BATCH_CALLERS" =~ ^[1-9][0-9]*$ ]] || die "--batch-callers must be a positive whole number"
 [[ -n "$BIN_DIR" ]] && BUILD=0
 BIN_DIR="${BIN_DIR:-$REPO_ROOT/target/release}"
 
@@ -103,14 +106,16 @@ load() { timeout $((DURATION + 120)) "$LOAD" --addr "$ADDR" --skus "$SKUS" --nod
 json_num() { { grep -o "\"$1\": *[0-9.eE+-]*" <<<"$2" || true; } | head -n 1 | sed 's/.*: *//'; }
 
 # One allot-load run. ITEMS_PER_CALL > 1 for the batched case: ops are reservations, not calls.
+# CALLERS: allot-load --concurrency (default $CONCURRENCY).
 run_case() {
     local case_name="$1" mode_label="$2" class="$3" seed="$4" items_per_call="$5"
     shift 5
+    local callers="${CALLERS:-$CONCURRENCY}"
     local json before after requests errors seconds ops ops_s p99 cpu items rate field
     before="$(proc_ticks "$ALLOTD_PID")"
     # A seed per case: allot-load's idempotency keys are load-SEED-CALLER-SEQUENCE, and a key
     # already used would be answered as a replay.
-    json="$(load --concurrency "$CONCURRENCY" --connections "$CONNECTIONS" --duration-secs "$DURATION" \
+    json="$(load --concurrency "$callers" --connections "$CONNECTIONS" --duration-secs "$DURATION" \
         --ttl-ms "$TTL_MS" --seed "$seed" "${WARMUP[@]}" --json "$@" 2>"$OUT_DIR/allot-$case_name-$class.stderr")" || {
         cat "$OUT_DIR/allot-$case_name-$class.stderr" >&2
         die "allot-load $* failed"
@@ -142,7 +147,7 @@ run_case() {
     ops_s="$(awk -v n="$ops" -v s="$seconds" 'BEGIN { printf "%.1f", n / s }')"
     cpu="$(cpu_us_per_op $((after - before)) "$ops")"
     add_row allotd "$mode_label" "$case_name" "$ops_s" "$p99" "$cpu" "$ops" \
-        "allot-load -c $CONCURRENCY --connections $CONNECTIONS $*" "$class"
+        "allot-load -c $callers --connections $CONNECTIONS $*" "$class"
 }
 
 # No warm-up: the CPU sampled around a run must cover exactly the calls it counts (pgbench and
@@ -173,8 +178,8 @@ for durability in "${mode_list[@]}"; do
             --hot-skus "$HOT_SKUS" --hot-fraction "$hot_fraction"
     fi
     if ((HAS_BATCH)); then
-        run_case reserve-batched "$label, ReserveBatch of $BATCH" "$class" $((seed += 1)) "$BATCH" \
-            --scenario reserve-batch --batch "$BATCH"
+        CALLERS="$BATCH_CALLERS" run_case reserve-batched "$label, ReserveBatch of $BATCH x $BATCH_CALLERS callers" \
+            "$class" $((seed += 1)) "$BATCH" --scenario reserve-batch --batch "$BATCH"
     fi
     if ((!health_done)); then
         run_case health "transport only (no storage)" "$class" $((seed += 1)) 1 --scenario health

@@ -21,7 +21,9 @@ HOT_SKUS=10
 HOT_PERCENT=90
 TTL_MS=600000       # reservation TTL: longer than any run, so no system expires any during one
 PIPELINE=16          # redis-benchmark -P for the pipelined case
-BATCH=100            # allot-load --batch for the batched case
+BATCH=50             # allot-load --batch for the batched case
+BATCH_CALLERS=4      # allot-load --concurrency for the batched case (4 x 50 = 200 reservations
+                     # in flight, against redis-benchmark's 16 clients x -P 16 = 256)
 OUT_DIR=""
 MIN_FREE_MB="${MIN_FREE_MB:-512}"
 
