@@ -278,12 +278,17 @@ impl Shared {
             .open(&path)
             .map_err(|error| io_error(&path, error))?;
         if zeroed {
+            // Written and synced 4 MiB at a time, so the disk queue never holds more than that
+            // ahead of the commit thread's fsyncs.
             let zeros = vec![0u8; 1 << 20];
-            let mut left = len;
-            while left > 0 {
-                let chunk = left.min(zeros.len() as u64) as usize;
+            let mut written = 0u64;
+            while written < len {
+                let chunk = (len - written).min(zeros.len() as u64) as usize;
                 file.write_all(&zeros[..chunk]).map_err(|error| io_error(&path, error))?;
-                left -= chunk as u64;
+                written += chunk as u64;
+                if written % (4 << 20) == 0 {
+                    file.sync_data().map_err(|error| io_error(&path, error))?;
+                }
             }
         } else if let Err(error) = rustix::fs::fallocate(&file, rustix::fs::FallocateFlags::empty(), 0, len) {
             // A file system without fallocate: a sparse file of that length (its first pass

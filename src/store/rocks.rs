@@ -278,8 +278,10 @@ impl Store {
     }
 
     /// Writes a consistent checkpoint of the whole store into `dir` (which must not exist):
-    /// hard links to the immutable files where possible, copies otherwise, plus the live WAL.
-    /// Everything written before the call is in it. Returns (files, bytes).
+    /// RocksDB flushes every memtable first, then hard-links the immutable files where
+    /// possible and copies otherwise. Everything applied before the call is in it (the journal
+    /// is not copied: an acknowledged batch is applied before its acknowledgement). Returns
+    /// (files, bytes).
     pub fn checkpoint(&self, dir: &Path) -> Result<(u64, u64), StoreError> {
         let checkpoint = rocksdb::checkpoint::Checkpoint::new(&self.db)?;
         checkpoint.create_checkpoint(dir)?;
