@@ -286,7 +286,7 @@ impl Shared {
                 let chunk = (len - written).min(zeros.len() as u64) as usize;
                 file.write_all(&zeros[..chunk]).map_err(|error| io_error(&path, error))?;
                 written += chunk as u64;
-                if written % (4 << 20) == 0 {
+                if written.is_multiple_of(4 << 20) {
                     file.sync_data().map_err(|error| io_error(&path, error))?;
                 }
             }
