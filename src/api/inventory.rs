@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use tokio::sync::mpsc::{Receiver, Sender};
+use tokio::sync::mpsc::Sender;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
@@ -79,80 +79,96 @@ fn item_answer(
 /// How often an idle ReserveStream looks whether the daemon is shutting down.
 const STREAM_SHUTDOWN_POLL: std::time::Duration = std::time::Duration::from_millis(100);
 
-/// What the reader of a ReserveStream hands the answerer, in request order.
-enum Decided {
-    /// An item: its key and its decision (durable once its acknowledgement comes).
-    Item(String, Result<crate::index::Pending<ReserveOutcome>, ServiceError>),
-    /// The end of the answers: the status the stream ends with, after every item before it.
-    End(Status),
+/// An item of a ReserveStream decided and waiting for its answer: its key, and its outcome
+/// with the durability to wait for (or the error to answer with at once).
+type Waiting = (String, Result<(ReserveOutcome, crate::index::Durable), ServiceError>);
+
+/// What woke a ReserveStream's task.
+enum StreamEvent {
+    /// The oldest waiting item is durable (or failed to become so).
+    Durable(Result<(), crate::index::IndexError>),
+    /// The next request message, the end of the request stream, or a transport error.
+    Next(Result<Option<v1::ReserveRequest>, Status>),
+    /// Time to look whether the daemon is shutting down.
+    Poll,
 }
 
-/// Reads a ReserveStream: decides each item in arrival order (under its shard locks, like
-/// Reserve) and queues it for the answerer. The queue holds at most
-/// `limits.lines_per_request_max` items, so a caller that does not read its answers stops
-/// being read. Ends at the end of the request stream, on a transport error, or at shutdown.
-async fn read_stream(
+/// Serves a ReserveStream in one task: decides each item in arrival order (under its shard
+/// locks, like Reserve) and answers the items in request order, each as soon as it is durable.
+/// At most `limits.lines_per_request_max` items wait for their answers: past that, the request
+/// stream is not read (a caller that does not read its answers stops being read too, once the
+/// answer channel is full). Ends, after answering every item decided, at the end of the
+/// request stream, on a transport error (answered with its status) or at shutdown
+/// (UNAVAILABLE). One task instead of a reader and an answerer: one wake-up less per item.
+async fn serve_stream(
     core: Arc<Core>,
     mut incoming: tonic::Streaming<v1::ReserveRequest>,
-    decided: Sender<Decided>,
-) {
-    let mut shutdown_poll = tokio::time::interval(STREAM_SHUTDOWN_POLL);
-    shutdown_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    let end = loop {
-        if core.admission.shutting_down() {
-            break Status::from(ServiceError::ShuttingDown);
-        }
-        let next = tokio::select! {
-            next = incoming.message() => next,
-            _ = shutdown_poll.tick() => continue,
-        };
-        let item = match next {
-            Ok(Some(item)) => item,
-            Ok(None) => return,
-            // The request stream broke (a bad frame, a reset): said after the answers.
-            Err(status) => break super::oversize::remap_status(status),
-        };
-        let key = item.idempotency_key.clone();
-        let result =
-            parse_reserve(item, core.index.limits()).and_then(|command| Ok(core.index.reserve(&command)?));
-        if decided.send(Decided::Item(key, result)).await.is_err() {
-            return; // the caller went away
-        }
-    };
-    let _ = decided.send(Decided::End(end)).await;
-}
-
-/// Answers a ReserveStream in request order, each item once durable. A later item never
-/// waits for its own fsync before an earlier one is answered: they share (or follow) the same
-/// group commits.
-async fn answer_stream(
-    core: Arc<Core>,
-    mut decided: Receiver<Decided>,
     answers: Sender<Result<v1::ReserveStreamResponse, Status>>,
 ) {
     use v1::reserve_stream_response::Result as Answer;
-    while let Some(next) = decided.recv().await {
-        let (key, result) = match next {
-            Decided::Item(key, result) => (key, result),
-            Decided::End(status) => {
-                let _ = answers.send(Err(status)).await;
-                return;
+    let window = core.index.limits().lines_per_request_max.max(1);
+    let mut shutdown_poll = tokio::time::interval(STREAM_SHUTDOWN_POLL);
+    shutdown_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut waiting: std::collections::VecDeque<Waiting> = std::collections::VecDeque::new();
+    let mut end: Option<Status> = None;
+    loop {
+        let reading = end.is_none();
+        let room = waiting.len() < window;
+        let has_waiting = !waiting.is_empty();
+        let event = {
+            let oldest = async {
+                match waiting.front_mut() {
+                    Some((_, Ok((_, durable)))) => durable.await,
+                    _ => Ok(()),
+                }
+            };
+            tokio::select! {
+                biased;
+                result = oldest, if has_waiting => StreamEvent::Durable(result),
+                next = incoming.message(), if reading && room => StreamEvent::Next(next),
+                _ = shutdown_poll.tick(), if reading => StreamEvent::Poll,
+                else => break,
             }
         };
-        let result = match result {
-            Ok(pending) => pending.durable().await.map_err(ServiceError::from),
-            Err(error) => Err(error),
-        };
-        let answer = v1::ReserveStreamResponse {
-            idempotency_key: key,
-            result: Some(match item_answer(&core, result) {
-                Ok(response) => Answer::Response(response),
-                Err(error) => Answer::Error(error),
-            }),
-        };
-        if answers.send(Ok(answer)).await.is_err() {
-            return; // the caller went away; what was decided is durable anyway
+        match event {
+            StreamEvent::Durable(durable) => {
+                let (key, decided) = waiting.pop_front().expect("an item was waiting");
+                let result =
+                    decided.and_then(|(outcome, _)| durable.map(|()| outcome).map_err(ServiceError::from));
+                let answer = v1::ReserveStreamResponse {
+                    idempotency_key: key,
+                    result: Some(match item_answer(&core, result) {
+                        Ok(response) => Answer::Response(response),
+                        Err(error) => Answer::Error(error),
+                    }),
+                };
+                if answers.send(Ok(answer)).await.is_err() {
+                    return; // the caller went away; what was decided is durable anyway
+                }
+            }
+            StreamEvent::Next(Ok(Some(item))) => {
+                if core.admission.shutting_down() {
+                    end = Some(Status::from(ServiceError::ShuttingDown));
+                    continue;
+                }
+                let key = item.idempotency_key.clone();
+                let decided = parse_reserve(item, core.index.limits())
+                    .and_then(|command| Ok(core.index.reserve(&command)?.split()));
+                waiting.push_back((key, decided));
+            }
+            // The request stream ended: answer what is waiting, then end with OK.
+            StreamEvent::Next(Ok(None)) => end = Some(Status::ok("")),
+            // The request stream broke (a bad frame, a reset): said after the answers.
+            StreamEvent::Next(Err(status)) => end = Some(super::oversize::remap_status(status)),
+            StreamEvent::Poll => {
+                if core.admission.shutting_down() {
+                    end = Some(Status::from(ServiceError::ShuttingDown));
+                }
+            }
         }
+    }
+    if let Some(status) = end.filter(|status| status.code() != tonic::Code::Ok) {
+        let _ = answers.send(Err(status)).await;
     }
 }
 
@@ -388,10 +404,8 @@ impl v1::inventory_server::Inventory for InventoryApi {
         // by the commit queue (an item shed there answers RESOURCE_EXHAUSTED).
         let permit = self.core.admit(Rpc::ReserveStream)?;
         let window = self.core.index.limits().lines_per_request_max.max(1);
-        let (decided_sender, decided) = tokio::sync::mpsc::channel(window);
         let (answers, answer_receiver) = tokio::sync::mpsc::channel(window);
-        tokio::spawn(read_stream(self.core.clone(), request.into_inner(), decided_sender));
-        tokio::spawn(answer_stream(self.core.clone(), decided, answers));
+        tokio::spawn(serve_stream(self.core.clone(), request.into_inner(), answers));
         let stream = tokio_stream::wrappers::ReceiverStream::new(answer_receiver);
         self.core.finish(permit, Ok(Box::pin(stream) as BoxStream<v1::ReserveStreamResponse>))
     }

@@ -147,6 +147,23 @@ pub struct Durable {
     ack: Option<oneshot::Receiver<()>>,
 }
 
+/// Resolves once the mutation is durable (awaiting `&mut durable` leaves it in place).
+impl std::future::Future for Durable {
+    type Output = Result<(), IndexError>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        match self.ack.as_mut() {
+            None => std::task::Poll::Ready(Ok(())),
+            Some(ack) => {
+                std::pin::Pin::new(ack).poll(cx).map(|acked| acked.map_err(|_| IndexError::Unavailable))
+            }
+        }
+    }
+}
+
 impl Durable {
     pub fn wait_blocking(self) -> Result<(), IndexError> {
         match self.ack {
