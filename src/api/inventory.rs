@@ -110,9 +110,10 @@ async fn serve_stream(
     let mut shutdown_poll = tokio::time::interval(STREAM_SHUTDOWN_POLL);
     shutdown_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut waiting: std::collections::VecDeque<Waiting> = std::collections::VecDeque::new();
+    // Whether the request stream is still read, and the error status to end with, if any.
+    let mut reading = true;
     let mut end: Option<Status> = None;
     loop {
-        let reading = end.is_none();
         let room = waiting.len() < window;
         let has_waiting = !waiting.is_empty();
         let event = {
@@ -148,7 +149,7 @@ async fn serve_stream(
             }
             StreamEvent::Next(Ok(Some(item))) => {
                 if core.admission.shutting_down() {
-                    end = Some(Status::from(ServiceError::ShuttingDown));
+                    (reading, end) = (false, Some(Status::from(ServiceError::ShuttingDown)));
                     continue;
                 }
                 let key = item.idempotency_key.clone();
@@ -157,17 +158,19 @@ async fn serve_stream(
                 waiting.push_back((key, decided));
             }
             // The request stream ended: answer what is waiting, then end with OK.
-            StreamEvent::Next(Ok(None)) => end = Some(Status::ok("")),
+            StreamEvent::Next(Ok(None)) => reading = false,
             // The request stream broke (a bad frame, a reset): said after the answers.
-            StreamEvent::Next(Err(status)) => end = Some(super::oversize::remap_status(status)),
+            StreamEvent::Next(Err(status)) => {
+                (reading, end) = (false, Some(super::oversize::remap_status(status)));
+            }
             StreamEvent::Poll => {
                 if core.admission.shutting_down() {
-                    end = Some(Status::from(ServiceError::ShuttingDown));
+                    (reading, end) = (false, Some(Status::from(ServiceError::ShuttingDown)));
                 }
             }
         }
     }
-    if let Some(status) = end.filter(|status| status.code() != tonic::Code::Ok) {
+    if let Some(status) = end {
         let _ = answers.send(Err(status)).await;
     }
 }

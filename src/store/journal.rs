@@ -406,14 +406,10 @@ impl Journal {
         self.offset = 0;
         self.prepare_requested = false;
         let last_seq = self.next_seq - 1;
-        match &self.recycler {
-            Some(recycler) => {
-                if recycler.send(Request::Retire { segment: SealedSegment(full), last_seq }).is_err() {
-                    // The journal thread is gone (shutting down): the segment stays on disk
-                    // and the next start-up reads it.
-                }
-            }
-            None => drop(full),
+        // Without a journal thread (tests; or it is gone at shutdown) the full segment is only
+        // closed: it stays on disk, and the next start-up reads it.
+        if let Some(recycler) = &self.recycler {
+            let _ = recycler.send(Request::Retire { segment: SealedSegment(full), last_seq });
         }
         Ok(())
     }
