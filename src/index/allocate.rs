@@ -18,7 +18,7 @@ use crate::domain::{
 };
 use crate::routing::{self, RouteError, RoutePlan, RouteRequest, RoutingRules, StockSource};
 use crate::store::keys::{self, IdemNamespace};
-use crate::store::records::{self, IdempotencyRecord, Kind};
+use crate::store::records::{IdempotencyRecord, Kind};
 use crate::store::{Cf, Mutation};
 
 /// Plans redone at most when capacity was taken between planning and claiming.
@@ -252,10 +252,11 @@ impl Index {
             positions: Vec::new(),
             response,
         };
-        mutation.put(
+        mutation.put_record(
             Cf::Idempotency,
             keys::idempotency(IdemNamespace::Allocate, command.idempotency_key.as_str()),
-            records::encode(Kind::Idempotency, &record),
+            Kind::Idempotency,
+            &record,
         );
         // The decision, explained, in the audit log.
         mutation.audit.push(AuditEvent {

@@ -640,10 +640,11 @@ impl Index {
             positions: views.iter().map(PositionViewRecord::from_view).collect(),
             response: Vec::new(),
         };
-        mutation.put(
+        mutation.put_record(
             Cf::Idempotency,
             keys::idempotency(IdemNamespace::Adjust, command.adjustment_id.as_str()),
-            records::encode(Kind::Idempotency, &record),
+            Kind::Idempotency,
+            &record,
         );
         let ack = mutation.acknowledged();
         self.wal.submit(slot, mutation);
@@ -670,10 +671,11 @@ impl Index {
         position: Position,
     ) {
         stock.set(&nodes.shared_id(node_id), position);
-        mutation.put(
+        mutation.put_record(
             Cf::Positions,
             keys::position(sku, node_id),
-            records::encode(Kind::Position, &PositionRecord::from_position(&position)),
+            Kind::Position,
+            &PositionRecord::from_position(&position),
         );
         let atp_before = before.map_or(0, |before| atp_in(nodes, node_id, &before));
         let atp = atp_in(nodes, node_id, &position);
@@ -832,10 +834,11 @@ impl Index {
             positions: Vec::new(),
             response: Vec::new(),
         };
-        mutation.put(
+        mutation.put_record(
             Cf::Idempotency,
             keys::idempotency(IdemNamespace::Reserve, command.idempotency_key.as_str()),
-            records::encode(Kind::Idempotency, &record),
+            Kind::Idempotency,
+            &record,
         );
         let ack = mutation.acknowledged();
         self.wal.submit(slot, mutation);
@@ -882,10 +885,11 @@ impl Index {
             capacity_day: hold.capacity_day,
             fulfilment_order_id: None,
         };
-        mutation.put(
+        mutation.put_record(
             Cf::Reservations,
             keys::reservation(id),
-            records::encode(Kind::Reservation, &ReservationRecord::from_reservation(&reservation)),
+            Kind::Reservation,
+            &ReservationRecord::from_reservation(&reservation),
         );
         reservation
     }
@@ -992,10 +996,11 @@ impl Index {
             Transition::Expire => metrics::counter!("allot_reservations_expired_total").increment(1),
             Transition::Release => {}
         }
-        mutation.put(
+        mutation.put_record(
             Cf::Reservations,
             keys::reservation(id),
-            records::encode(Kind::Reservation, &ReservationRecord::from_reservation(&reservation)),
+            Kind::Reservation,
+            &ReservationRecord::from_reservation(&reservation),
         );
         let (event_type, event_actor) = match applied {
             Transition::Confirm => ("reservation.confirmed", actor(reservation.channel.as_ref())),

@@ -21,7 +21,7 @@ use crate::domain::{
 };
 use crate::routing::{self, RoutePlan, RouteRequest, RoutingRules};
 use crate::store::keys;
-use crate::store::records::{self, Kind, ReservationRecord};
+use crate::store::records::{Kind, ReservationRecord};
 use crate::store::{Cf, Mutation, Slot};
 
 /// Plans redone at most when capacity was taken between planning and claiming.
@@ -186,11 +186,7 @@ impl Txn<'_> {
         reservation.updated_at_ms = self.now_ms;
         let record = ReservationRecord::from_reservation(&reservation);
         drop(reservation);
-        self.mutation.put(
-            Cf::Reservations,
-            keys::reservation(id),
-            records::encode(Kind::Reservation, &record),
-        );
+        self.mutation.put_record(Cf::Reservations, keys::reservation(id), Kind::Reservation, &record);
         let shard = self.locks.shard(self.index.shard_of(sku));
         let stock = shard.stock_mut(sku);
         let before = *stock.get(&node_id).expect("a held line has a position");
@@ -255,12 +251,12 @@ impl Txn<'_> {
         self.dirty
     }
 
-    pub fn put(&mut self, cf: Cf, key: impl Into<Vec<u8>>, value: Vec<u8>) {
+    pub fn put(&mut self, cf: Cf, key: impl AsRef<[u8]>, value: impl AsRef<[u8]>) {
         self.dirty = true;
         self.mutation.put(cf, key, value);
     }
 
-    pub fn delete(&mut self, cf: Cf, key: impl Into<Vec<u8>>) {
+    pub fn delete(&mut self, cf: Cf, key: impl AsRef<[u8]>) {
         self.dirty = true;
         self.mutation.delete(cf, key);
     }
@@ -285,10 +281,11 @@ impl Txn<'_> {
     }
 
     fn write_reservation(&mut self, reservation: &Reservation) {
-        self.mutation.put(
+        self.mutation.put_record(
             Cf::Reservations,
             keys::reservation(reservation.id),
-            records::encode(Kind::Reservation, &ReservationRecord::from_reservation(reservation)),
+            Kind::Reservation,
+            &ReservationRecord::from_reservation(reservation),
         );
     }
 }

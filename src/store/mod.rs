@@ -3,6 +3,7 @@
 //! Owns every RocksDB call of the crate. May import `domain` and `clock`; must not import
 //! `index`, `api` or protobuf service types.
 
+pub mod batch;
 pub mod disk;
 pub mod errors;
 pub mod journal;
@@ -15,7 +16,7 @@ pub mod wal;
 pub use disk::{DiskGuard, DiskLow};
 pub use errors::StoreError;
 pub use rocks::{Recovered, RecoveredOrders, Store, StoreOptions};
-pub use wal::{Durability, Mutation, Op, Refused, Slot, WalHandle, WalOptions};
+pub use wal::{Durability, Mutation, Refused, Slot, WalHandle, WalOptions};
 
 /// The column families, each holding one kind of record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -31,14 +31,25 @@ pub enum Kind {
 }
 
 pub fn encode<M: Message>(kind: Kind, message: &M) -> Vec<u8> {
-    let mut bytes = Vec::with_capacity(HEADER_BYTES + message.encoded_len());
+    let mut bytes = Vec::with_capacity(encoded_len(message));
+    encode_into(&mut bytes, kind, message);
+    bytes
+}
+
+/// The length of `encode`'s result.
+pub fn encoded_len<M: Message>(message: &M) -> usize {
+    HEADER_BYTES + message.encoded_len()
+}
+
+/// Appends `encode`'s result to `bytes`.
+pub fn encode_into<M: Message>(bytes: &mut Vec<u8>, kind: Kind, message: &M) {
+    let start = bytes.len();
     bytes.push(FORMAT_VERSION);
     bytes.push(kind as u8);
     bytes.extend_from_slice(&[0; 4]);
-    message.encode(&mut bytes).expect("a Vec grows as needed, so encoding cannot run out of space");
-    let checksum = crc32fast::hash(&bytes[HEADER_BYTES..]);
-    bytes[2..HEADER_BYTES].copy_from_slice(&checksum.to_le_bytes());
-    bytes
+    message.encode(bytes).expect("a Vec grows as needed, so encoding cannot run out of space");
+    let checksum = crc32fast::hash(&bytes[start + HEADER_BYTES..]);
+    bytes[start + 2..start + HEADER_BYTES].copy_from_slice(&checksum.to_le_bytes());
 }
 
 /// Why a stored value cannot be used.
