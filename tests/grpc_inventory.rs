@@ -1371,6 +1371,125 @@ async fn state_survives_a_restart() {
     daemon.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn terminal_reservations_and_keys_are_forgotten_after_their_retention() {
+    // Goal: the retention purge forgets terminal reservations and idempotency keys once their
+    // retention has passed, never before and never an open reservation; it keeps up with a
+    // backlog larger than one purge batch; a restart neither brings forgotten ones back nor
+    // loses what is still to be forgotten. Method: a ManualClock, 12,500 reservations expired
+    // at once plus one released and one held, and the purge called directly in batches of
+    // 10,000 (the background's size) around the retention's end.
+    const DAY_MS: u64 = 86_400_000;
+    const BATCH: usize = 10_000;
+    let start_ms = 1_700_000_000_000;
+    let clock = Arc::new(ManualClock::new(start_ms));
+    let adjust = |config: &mut Config| {
+        config.index.terminal_reservation_retention_ms = DAY_MS;
+        config.index.idempotency_retention_ms = DAY_MS;
+        config.server.purge_interval_ms = 3_600_000;
+    };
+    let daemon = Daemon::start_with(adjust, clock.clone()).await;
+    let mut client = daemon.client.clone();
+    upsert(&mut client, vec![node("NODE-A", 0.0, 0.0)]).await;
+    set_stock(&mut client, vec![stock("SKU-1", "NODE-A", 100_000)]).await;
+    let held = reserve(&mut client, reserve_request("held", vec![line("SKU-1", "NODE-A", 1)], 0)).await;
+    let released =
+        reserve(&mut client, reserve_request("released", vec![line("SKU-1", "NODE-A", 1)], 0)).await;
+    let release = v1::ReleaseReservationRequest { reservation_id: released.reservation_id.clone() };
+    client.release_reservation(release).await.unwrap();
+    let mut bulk = Vec::new();
+    for call in 0..25 {
+        let items = (0..500)
+            .map(|item| {
+                reserve_request(&format!("bulk-{call}-{item}"), vec![line("SKU-1", "NODE-A", 1)], 1_000)
+            })
+            .collect();
+        let answers = client.reserve_batch(v1::ReserveBatchRequest { items }).await.unwrap().into_inner();
+        for answer in answers.items {
+            match answer.result {
+                Some(v1::reserve_batch_response::item::Result::Response(response)) => {
+                    bulk.push(response.reservation_id)
+                }
+                other => panic!("a bulk reservation failed: {other:?}"),
+            }
+        }
+    }
+    assert_eq!(bulk.len(), 12_500);
+    clock.advance_ms(1_000);
+    let index = daemon.running.core.index.clone();
+    // Expired by this sweep and the background's (both run on the manual clock): done when
+    // only the held reservation holds units.
+    let deadline = tokio::time::Instant::now() + WAIT_MAX;
+    while position(&mut client, "SKU-1", "NODE-A").await.reserved != 1 {
+        assert!(tokio::time::Instant::now() < deadline, "the bulk never expired");
+        index.expire_due(1_000);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let status = |reservation: v1::Reservation| ReservationStatus::try_from(reservation.status).unwrap();
+    assert_eq!(status(get_reservation(&mut client, &bulk[0]).await), ReservationStatus::Expired);
+
+    // Half a day after: nothing is due.
+    clock.advance_ms(DAY_MS / 2);
+    assert_eq!(index.purge_expired_history(BATCH).unwrap(), 0, "nothing before its retention");
+    assert_eq!(
+        status(get_reservation(&mut client, &released.reservation_id).await),
+        ReservationStatus::Released
+    );
+    // A day to the millisecond after the bulk expired: still kept (forgotten when older).
+    clock.advance_ms(DAY_MS / 2);
+    assert_eq!(status(get_reservation(&mut client, &bulk[0]).await), ReservationStatus::Expired);
+    // The day has passed for every key and every ended reservation: 12,501 reservations and
+    // 12,502 keys, forgotten in three batches.
+    clock.advance_ms(1);
+    let mut handled = Vec::new();
+    loop {
+        let count = index.purge_expired_history(BATCH).unwrap();
+        handled.push(count);
+        if count < BATCH {
+            break;
+        }
+    }
+    assert_eq!(handled, [BATCH, BATCH, 5_003], "the backlog goes in full batches");
+    for gone in [&released.reservation_id, &bulk[0], &bulk[12_499]] {
+        let request = v1::GetReservationRequest { reservation_id: gone.clone() };
+        expect_error("a forgotten reservation", client.get_reservation(request).await, Code::NotFound, gone);
+    }
+    assert_eq!(status(get_reservation(&mut client, &held.reservation_id).await), ReservationStatus::Held);
+    // A forgotten key is free again: another request under it is a new reservation, where it
+    // was ALREADY_EXISTS while remembered.
+    let again = reserve(&mut client, reserve_request("held", vec![line("SKU-1", "NODE-A", 2)], 0)).await;
+    assert!(again.reservation_id != held.reservation_id, "a new reservation under a forgotten key");
+    let release = v1::ReleaseReservationRequest { reservation_id: again.reservation_id.clone() };
+    client.release_reservation(release).await.unwrap();
+    let positions = position(&mut client, "SKU-1", "NODE-A").await;
+    assert_eq!(positions.reserved, 1, "only the held reservation holds units");
+
+    // Durable and rebuilt at a restart: the forgotten stay gone, and the queue of what is
+    // still to be forgotten (the reservation and key just made) comes back from disk.
+    let dir = daemon.stop_keeping_data().await;
+    let daemon = Daemon::start_in(dir, adjust, clock.clone()).await;
+    let mut client = daemon.client.clone();
+    let index = daemon.running.core.index.clone();
+    let request = v1::GetReservationRequest { reservation_id: bulk[1].clone() };
+    expect_error(
+        "forgotten, after a restart",
+        client.get_reservation(request).await,
+        Code::NotFound,
+        &bulk[1],
+    );
+    assert_eq!(
+        status(get_reservation(&mut client, &again.reservation_id).await),
+        ReservationStatus::Released
+    );
+    assert_eq!(index.purge_expired_history(BATCH).unwrap(), 0);
+    clock.advance_ms(DAY_MS + 1);
+    assert_eq!(index.purge_expired_history(BATCH).unwrap(), 2, "the released reservation and its key");
+    let request = v1::GetReservationRequest { reservation_id: again.reservation_id.clone() };
+    expect_error("forgotten after the restart", client.get_reservation(request).await, Code::NotFound, "");
+    assert_eq!(status(get_reservation(&mut client, &held.reservation_id).await), ReservationStatus::Held);
+    daemon.stop().await;
+}
+
 // ----- 9. contention ------------------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -10,7 +10,7 @@ use tokio::task::JoinHandle;
 use crate::api::Core;
 use crate::store::DiskGuard;
 
-/// Terminal reservations and idempotency keys forgotten per purge at most.
+/// Terminal reservations and idempotency keys forgotten per purge mutation at most.
 const PURGE_BATCH_LEN_MAX: usize = 10_000;
 /// How often gauges are refreshed.
 const GAUGE_INTERVAL_MS: u64 = 1_000;
@@ -59,8 +59,21 @@ pub fn spawn(
         let core = core.clone();
         let options_idempotency_retention_ms = options.idempotency_retention_ms;
         tasks.push(every(options.purge_interval_ms, stop.clone(), move || {
-            if let Err(error) = core.index.purge_expired_history(PURGE_BATCH_LEN_MAX) {
-                tracing::warn!(%error, "retention purge skipped");
+            loop {
+                match core.index.purge_expired_history(PURGE_BATCH_LEN_MAX) {
+                    Ok(handled) if handled == PURGE_BATCH_LEN_MAX => {
+                        // Each batch durable before the next: a backlog (a long retention
+                        // ending at once) never becomes one huge group commit.
+                        if let Ok(durable) = core.index.durable_barrier() {
+                            let _ = durable.blocking_recv();
+                        }
+                    }
+                    Ok(_) => break,
+                    Err(error) => {
+                        tracing::warn!(%error, "retention purge skipped");
+                        break;
+                    }
+                }
             }
             let cutoff_ms = core.index.clock().now_ms().saturating_sub(options_idempotency_retention_ms);
             if let Err(error) = core.orders.purge_idempotency(cutoff_ms, PURGE_BATCH_LEN_MAX) {

@@ -268,11 +268,14 @@ impl Index {
         let ack = mutation.acknowledged();
         self.wal.submit(slot, mutation);
         self.track_hold(reservation);
-        vacant.insert(IdemEntry {
-            fingerprint: command.fingerprint,
-            created_at_ms: now_ms,
-            outcome: IdemOutcome::Allocated,
-        });
+        self.remember_key(
+            vacant,
+            IdemEntry {
+                fingerprint: command.fingerprint,
+                created_at_ms: now_ms,
+                outcome: IdemOutcome::Allocated,
+            },
+        );
         drop(locks);
         Ok(Pending::ready(AllocateOutcome::Reserved { plan, reservation: id, expires_at_ms }, ack))
     }

@@ -13,6 +13,7 @@
 mod allocate;
 mod errors;
 mod expiry;
+mod retention;
 mod shard;
 mod txn;
 
@@ -42,6 +43,7 @@ use crate::store::records::{
 };
 use crate::store::{Cf, Mutation, Recovered, Refused, Slot, WalHandle};
 use expiry::ExpiryQueue;
+use retention::RetentionQueue;
 use shard::{Shard, SkuStock};
 
 /// Index sizing and retention.
@@ -260,6 +262,10 @@ pub struct Index {
     reservations: DashMap<u64, Box<Reservation>, FastHash>,
     idempotency: DashMap<IdemMapKey, IdemEntry, FastHash>,
     expiry: ExpiryQueue,
+    /// Terminal reservations by the time they ended, and idempotency keys by the time they
+    /// were made: what the retention purge forgets, in the order it becomes due.
+    ended: RetentionQueue<u64>,
+    keys: RetentionQueue<IdemMapKey>,
     /// Shipments taken per node on the current capacity day (see `allocate`).
     capacity: DashMap<NodeId, allocate::CapacityUse>,
     rules: ArcSwap<RoutingRules>,
@@ -288,6 +294,8 @@ impl Index {
             reservations: DashMap::with_hasher_and_shard_amount(FastHash::default(), MAP_SHARDS),
             idempotency: DashMap::with_hasher_and_shard_amount(FastHash::default(), MAP_SHARDS),
             expiry: ExpiryQueue::new(options.shard_count),
+            ended: RetentionQueue::new(options.shard_count),
+            keys: RetentionQueue::new(options.shard_count),
             capacity: DashMap::new(),
             rules: ArcSwap::from_pointee(options.rules.clone()),
             risen: Mutex::new(Risen::default()),
@@ -314,7 +322,11 @@ impl Index {
         }
         index.position_count.store(recovered.position_count as i64, Ordering::Relaxed);
         let today = index.options.rules.capacity_day(index.clock.now_ms());
+        let mut ended = Vec::new();
         for reservation in recovered.reservations {
+            if !reservation.status.is_open() {
+                ended.push((reservation.updated_at_ms, reservation.id.0));
+            }
             if reservation.capacity_day == Some(today) && allocate::counts_capacity(reservation.status) {
                 index.recount_capacity(&reservation.lines, today);
             }
@@ -328,6 +340,11 @@ impl Index {
             }
             index.reservations.insert(reservation.id.0, Box::new(reservation));
         }
+        ended.sort_unstable();
+        for (ended_at_ms, id) in ended {
+            index.ended.push(ended_at_ms, id);
+        }
+        let mut keys = Vec::new();
         for (namespace, key, record) in recovered.idempotency {
             let outcome = match namespace {
                 IdemNamespace::Reserve => IdemOutcome::Reserved {
@@ -344,10 +361,16 @@ impl Index {
                 | IdemNamespace::ReturnCreate
                 | IdemNamespace::ReturnReceive => continue,
             };
+            let key: IdemMapKey = (namespace, Arc::from(key.as_str()));
+            keys.push((record.created_at_ms, key.clone()));
             index.idempotency.insert(
-                (namespace, Arc::from(key.as_str())),
+                key,
                 IdemEntry { fingerprint: record.fingerprint, created_at_ms: record.created_at_ms, outcome },
             );
+        }
+        keys.sort_unstable_by_key(|(created_at_ms, _)| *created_at_ms);
+        for (created_at_ms, key) in keys {
+            index.keys.push(created_at_ms, key);
         }
         index
     }
@@ -428,6 +451,16 @@ impl Index {
                 Err(IndexError::AlreadyExists(format!("{field} {key:?} was used for a different request")))
             }
         }
+    }
+
+    /// Inserts a claimed key's outcome, and queues the key for the retention purge.
+    fn remember_key(
+        &self,
+        vacant: dashmap::mapref::entry::VacantEntry<'_, IdemMapKey, IdemEntry>,
+        entry: IdemEntry,
+    ) {
+        self.keys.push(entry.created_at_ms, vacant.key().clone());
+        vacant.insert(entry);
     }
 
     /// A barrier: resolves once everything submitted before it is durable. Used when a request
@@ -648,11 +681,10 @@ impl Index {
         );
         let ack = mutation.acknowledged();
         self.wal.submit(slot, mutation);
-        vacant.insert(IdemEntry {
-            fingerprint,
-            created_at_ms: now_ms,
-            outcome: IdemOutcome::Adjusted(views.clone()),
-        });
+        self.remember_key(
+            vacant,
+            IdemEntry { fingerprint, created_at_ms: now_ms, outcome: IdemOutcome::Adjusted(views.clone()) },
+        );
         drop(locks);
         Ok(Pending::ready(views, ack))
     }
@@ -843,11 +875,14 @@ impl Index {
         let ack = mutation.acknowledged();
         self.wal.submit(slot, mutation);
         self.track_hold(reservation);
-        vacant.insert(IdemEntry {
-            fingerprint,
-            created_at_ms: now_ms,
-            outcome: IdemOutcome::Reserved { id, expires_at_ms },
-        });
+        self.remember_key(
+            vacant,
+            IdemEntry {
+                fingerprint,
+                created_at_ms: now_ms,
+                outcome: IdemOutcome::Reserved { id, expires_at_ms },
+            },
+        );
         drop(locks);
         Ok(Pending::ready(ReserveOutcome::Reserved { id, expires_at_ms }, ack))
     }
@@ -982,6 +1017,9 @@ impl Index {
         }
         reservation.status = status;
         reservation.updated_at_ms = now_ms;
+        if !status.is_open() {
+            self.ended.push(now_ms, id.0);
+        }
         match applied {
             Transition::Confirm => {
                 reservation.expires_at_ms = None;
@@ -1055,40 +1093,36 @@ impl Index {
     }
 
     /// Forgets terminal reservations and idempotency keys older than their retention, at most
-    /// `batch_len_max` of each per call. Returns how many it forgot.
+    /// `batch_len_max` queue entries (one mutation). Returns the entries handled: the caller
+    /// calls again while that is `batch_len_max`, so a purge keeps up with any rate.
     pub fn purge_expired_history(&self, batch_len_max: usize) -> Result<usize, IndexError> {
         let now_ms = self.clock.now_ms();
         let reservation_cutoff = now_ms.saturating_sub(self.options.terminal_retention_ms);
         let key_cutoff = now_ms.saturating_sub(self.options.idempotency_retention_ms);
-        let old_reservations: Vec<u64> = self
-            .reservations
-            .iter()
-            .filter(|entry| !entry.status.is_open() && entry.updated_at_ms < reservation_cutoff)
-            .map(|entry| *entry.key())
-            .take(batch_len_max)
-            .collect();
-        let old_keys: Vec<IdemMapKey> = self
-            .idempotency
-            .iter()
-            .filter(|entry| entry.created_at_ms < key_cutoff)
-            .map(|entry| entry.key().clone())
-            .take(batch_len_max)
-            .collect();
-        if old_reservations.is_empty() && old_keys.is_empty() {
-            return Ok(0);
-        }
+        // The slot first: without one nothing is popped, and the next purge finds it all.
         let slot = self.slot()?;
+        let ended = self.ended.pop_due(reservation_cutoff, batch_len_max);
+        let keys = self.keys.pop_due(key_cutoff, batch_len_max - ended.len());
+        let handled = ended.len() + keys.len();
         let mut mutation = Mutation::default();
-        for id in &old_reservations {
-            self.reservations.remove(id);
-            mutation.delete(Cf::Reservations, keys::reservation(ReservationId(*id)));
+        for (_, id) in ended {
+            let old = |reservation: &Reservation| {
+                !reservation.status.is_open() && reservation.updated_at_ms < reservation_cutoff
+            };
+            if self.reservations.remove_if(&id, |_, reservation| old(reservation)).is_some() {
+                mutation.delete(Cf::Reservations, keys::reservation(ReservationId(id)));
+            }
         }
-        for key in &old_keys {
-            self.idempotency.remove(key);
-            mutation.delete(Cf::Idempotency, keys::idempotency(key.0, &key.1));
+        for (_, key) in keys {
+            // A key forgotten and made again since has a younger entry of its own.
+            if self.idempotency.remove_if(&key, |_, entry| entry.created_at_ms < key_cutoff).is_some() {
+                mutation.delete(Cf::Idempotency, keys::idempotency(key.0, &key.1));
+            }
         }
-        self.wal.submit(slot, mutation);
-        Ok(old_reservations.len() + old_keys.len())
+        if !mutation.ops.is_empty() {
+            self.wal.submit(slot, mutation);
+        }
+        Ok(handled)
     }
 }
 

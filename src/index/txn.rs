@@ -218,6 +218,7 @@ impl Txn<'_> {
         );
         reservation.status = status;
         reservation.updated_at_ms = self.now_ms;
+        self.index.ended.push(self.now_ms, id.0);
         let closed = Reservation::clone(&reservation);
         drop(reservation);
         self.index.open_reservation_count.fetch_sub(1, Ordering::Relaxed);
