@@ -198,7 +198,7 @@ impl Index {
         let slot = self.slot()?;
         let skus: Vec<Sku> = command.request.lines.iter().map(|(sku, _)| sku.clone()).collect();
         let mut locks = self.lock_shards(skus.iter());
-        let key = command.idempotency_key.as_str();
+        let key = &command.idempotency_key;
         let vacant =
             match self.claim_key(IdemNamespace::Allocate, key, command.fingerprint, "idempotency_key")? {
                 Claim::New(vacant) => vacant,

@@ -286,7 +286,7 @@ impl Index {
         assert!(options.shard_count.is_power_of_two(), "shard_count must be a power of two");
         let shards: Box<[Mutex<Shard>]> =
             (0..options.shard_count).map(|_| Mutex::new(Shard::default())).collect();
-        let index = Self {
+        let mut index = Self {
             shards,
             shard_mask: options.shard_count - 1,
             nodes: ArcSwap::from_pointee(NodeTable::new(recovered.nodes)),
@@ -341,10 +341,8 @@ impl Index {
             index.reservations.insert(reservation.id.0, Box::new(reservation));
         }
         ended.sort_unstable();
-        for (ended_at_ms, id) in ended {
-            index.ended.push(ended_at_ms, id);
-        }
-        let mut keys = Vec::new();
+        index.ended = RetentionQueue::from_sorted(index.options.shard_count, ended);
+        let mut keys = Vec::with_capacity(recovered.idempotency.len());
         for (namespace, key, record) in recovered.idempotency {
             let outcome = match namespace {
                 IdemNamespace::Reserve => IdemOutcome::Reserved {
@@ -369,9 +367,7 @@ impl Index {
             );
         }
         keys.sort_unstable_by_key(|(created_at_ms, _)| *created_at_ms);
-        for (created_at_ms, key) in keys {
-            index.keys.push(created_at_ms, key);
-        }
+        index.keys = RetentionQueue::from_sorted(index.options.shard_count, keys);
         index
     }
 
@@ -438,11 +434,11 @@ impl Index {
     fn claim_key(
         &self,
         namespace: IdemNamespace,
-        key: &str,
+        key: &IdempotencyKey,
         fingerprint: u64,
         field: &str,
     ) -> Result<Claim<'_>, IndexError> {
-        match self.idempotency.entry((namespace, Arc::from(key))) {
+        match self.idempotency.entry((namespace, key.shared())) {
             Entry::Vacant(vacant) => Ok(Claim::New(vacant)),
             Entry::Occupied(occupied) if occupied.get().fingerprint == fingerprint => {
                 Ok(Claim::Replay(occupied.get().outcome.clone()))
@@ -615,8 +611,12 @@ impl Index {
         let fingerprint = command.fingerprint();
         let slot = self.slot()?;
         let mut locks = self.lock_shards(command.entries.iter().map(|entry| &entry.sku));
-        let key = command.adjustment_id.as_str();
-        let vacant = match self.claim_key(IdemNamespace::Adjust, key, fingerprint, "adjustment_id")? {
+        let vacant = match self.claim_key(
+            IdemNamespace::Adjust,
+            &command.adjustment_id,
+            fingerprint,
+            "adjustment_id",
+        )? {
             Claim::New(vacant) => vacant,
             Claim::Replay(IdemOutcome::Adjusted(views)) => {
                 drop((locks, slot));
@@ -812,7 +812,7 @@ impl Index {
         let fingerprint = command.fingerprint();
         let slot = self.slot()?;
         let mut locks = self.lock_shards(command.lines.iter().map(|line| &line.sku));
-        let key = command.idempotency_key.as_str();
+        let key = &command.idempotency_key;
         let vacant = match self.claim_key(IdemNamespace::Reserve, key, fingerprint, "idempotency_key")? {
             Claim::New(vacant) => vacant,
             Claim::Replay(IdemOutcome::Reserved { id, expires_at_ms }) => {

@@ -30,6 +30,20 @@ impl<T> RetentionQueue<T> {
         }
     }
 
+    /// A queue of `entries`, already in time order (start-up), each shard sized to fit: a
+    /// queue grown by pushes would keep up to half its memory spare.
+    pub fn from_sorted(shard_count: usize, entries: Vec<(u64, T)>) -> Self {
+        assert!(shard_count > 0);
+        let per_shard = entries.len().div_ceil(shard_count);
+        let mut shards: Vec<VecDeque<(u64, T)>> =
+            (0..shard_count).map(|_| VecDeque::with_capacity(per_shard)).collect();
+        let count = entries.len();
+        for (index, entry) in entries.into_iter().enumerate() {
+            shards[index % shard_count].push_back(entry);
+        }
+        Self { shards: shards.into_iter().map(Mutex::new).collect(), next: AtomicUsize::new(count) }
+    }
+
     /// Queues `item`, due once `at_ms` is older than the retention.
     pub fn push(&self, at_ms: u64, item: T) {
         let shard = self.next.fetch_add(1, Ordering::Relaxed) % self.shards.len();
@@ -85,5 +99,19 @@ mod tests {
         assert_eq!(queue.pop_due(10, 100).len(), 2);
         assert!(queue.is_empty());
         assert!(queue.pop_due(u64::MAX, 100).is_empty());
+    }
+
+    #[test]
+    fn a_queue_built_from_sorted_entries_pops_like_a_pushed_one() {
+        let entries: Vec<(u64, u64)> = (0..10u64).map(|at_ms| (at_ms, at_ms)).collect();
+        let queue = RetentionQueue::from_sorted(3, entries);
+        assert_eq!(queue.len(), 10);
+        let mut first: Vec<u64> = queue.pop_due(4, 100).into_iter().map(|(_, item)| item).collect();
+        first.sort_unstable();
+        assert_eq!(first, [0, 1, 2, 3]);
+        queue.push(20, 20);
+        assert_eq!(queue.pop_due(20, 100).len(), 6);
+        assert_eq!(queue.pop_due(21, 100), [(20, 20)]);
+        assert!(RetentionQueue::<u64>::from_sorted(4, Vec::new()).is_empty());
     }
 }
