@@ -1397,34 +1397,10 @@ async fn terminal_reservations_and_keys_are_forgotten_after_their_retention() {
         reserve(&mut client, reserve_request("released", vec![line("SKU-1", "NODE-A", 1)], 0)).await;
     let release = v1::ReleaseReservationRequest { reservation_id: released.reservation_id.clone() };
     client.release_reservation(release).await.unwrap();
-    let mut bulk = Vec::new();
-    for call in 0..25 {
-        let items = (0..500)
-            .map(|item| {
-                reserve_request(&format!("bulk-{call}-{item}"), vec![line("SKU-1", "NODE-A", 1)], 1_000)
-            })
-            .collect();
-        let answers = client.reserve_batch(v1::ReserveBatchRequest { items }).await.unwrap().into_inner();
-        for answer in answers.items {
-            match answer.result {
-                Some(v1::reserve_batch_response::item::Result::Response(response)) => {
-                    bulk.push(response.reservation_id)
-                }
-                other => panic!("a bulk reservation failed: {other:?}"),
-            }
-        }
-    }
-    assert_eq!(bulk.len(), 12_500);
+    let bulk = reserve_one_second_each(&mut client, "bulk", 25).await;
     clock.advance_ms(1_000);
     let index = daemon.running.core.index.clone();
-    // Expired by this sweep and the background's (both run on the manual clock): done when
-    // only the held reservation holds units.
-    let deadline = tokio::time::Instant::now() + WAIT_MAX;
-    while position(&mut client, "SKU-1", "NODE-A").await.reserved != 1 {
-        assert!(tokio::time::Instant::now() < deadline, "the bulk never expired");
-        index.expire_due(1_000);
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    expire_all_but(&index, &mut client, 1).await;
     let status = |reservation: v1::Reservation| ReservationStatus::try_from(reservation.status).unwrap();
     assert_eq!(status(get_reservation(&mut client, &bulk[0]).await), ReservationStatus::Expired);
 
@@ -1487,7 +1463,74 @@ async fn terminal_reservations_and_keys_are_forgotten_after_their_retention() {
     let request = v1::GetReservationRequest { reservation_id: again.reservation_id.clone() };
     expect_error("forgotten after the restart", client.get_reservation(request).await, Code::NotFound, "");
     assert_eq!(status(get_reservation(&mut client, &held.reservation_id).await), ReservationStatus::Held);
+
+    // The daemon's own purge (its first tick comes at start-up, the next an hour later)
+    // clears a backlog above one batch in that one tick.
+    let backlog = reserve_one_second_each(&mut client, "backlog", 24).await;
+    clock.advance_ms(1_000);
+    expire_all_but(&index, &mut client, 1).await;
+    clock.advance_ms(DAY_MS + 1);
+    let dir = daemon.stop_keeping_data().await;
+    let daemon = Daemon::start_in(dir, adjust, clock.clone()).await;
+    let mut client = daemon.client.clone();
+    // Held: the one held from the start. Kept: none (the reservation made under the
+    // forgotten key was released and forgotten above).
+    let index = daemon.running.core.index.clone();
+    let deadline = tokio::time::Instant::now() + WAIT_MAX;
+    while index.reservation_count() != 1 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the start-up purge left {} reservations",
+            index.reservation_count()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for gone in [&backlog[0], &backlog[11_999]] {
+        let request = v1::GetReservationRequest { reservation_id: gone.clone() };
+        expect_error(
+            "forgotten by the start-up purge",
+            client.get_reservation(request).await,
+            Code::NotFound,
+            gone,
+        );
+    }
+    assert_eq!(status(get_reservation(&mut client, &held.reservation_id).await), ReservationStatus::Held);
     daemon.stop().await;
+}
+
+/// Reserves one unit of SKU-1 at NODE-A `calls` × 500 times through ReserveBatch, each for one
+/// second under the key `{prefix}-{call}-{item}`; returns the reservation ids.
+async fn reserve_one_second_each(client: &mut InventoryClient, prefix: &str, calls: usize) -> Vec<String> {
+    let mut ids = Vec::new();
+    for call in 0..calls {
+        let items = (0..500)
+            .map(|item| {
+                reserve_request(&format!("{prefix}-{call}-{item}"), vec![line("SKU-1", "NODE-A", 1)], 1_000)
+            })
+            .collect();
+        let answers = client.reserve_batch(v1::ReserveBatchRequest { items }).await.unwrap().into_inner();
+        for answer in answers.items {
+            match answer.result {
+                Some(v1::reserve_batch_response::item::Result::Response(response)) => {
+                    ids.push(response.reservation_id)
+                }
+                other => panic!("a bulk reservation failed: {other:?}"),
+            }
+        }
+    }
+    assert_eq!(ids.len(), calls * 500);
+    ids
+}
+
+/// Sweeps expiries (this sweep and the background's both run on the manual clock) until SKU-1
+/// at NODE-A holds only `reserved` units.
+async fn expire_all_but(index: &allot::index::Index, client: &mut InventoryClient, reserved: i64) {
+    let deadline = tokio::time::Instant::now() + WAIT_MAX;
+    while position(client, "SKU-1", "NODE-A").await.reserved != reserved {
+        assert!(tokio::time::Instant::now() < deadline, "the reservations never expired");
+        index.expire_due(1_000);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
 
 // ----- 9. contention ------------------------------------------------------------------------
