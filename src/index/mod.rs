@@ -1,12 +1,14 @@
 //! The lock-sharded availability index: positions (SKU × node) in a power-of-two number of
-//! shards chosen by a hash of the SKU, reservations, idempotency keys and the expiry queue.
+//! shards chosen by a hash of the SKU, reservations, idempotency keys, the expiry queue and
+//! the retention queues.
 //!
 //! HOT PATH (reserve, availability): no logging, no I/O, no global lock, no `.await`.
 //! A request locks the shards it touches in ascending index order (so two requests can never
 //! wait on each other in a cycle), decides with a pure function from `domain`, applies, and
 //! hands its write-ahead record to the commit thread *while the locks are held*, so that the
 //! log order equals the apply order for every position. Lock order, outermost first:
-//! `node_writer` → shards (ascending) → idempotency entry → reservation entry.
+//! `node_writer` → shards (ascending) → idempotency entry → reservation entry. The expiry and
+//! retention queues' locks are leaves: taken under any of these, nothing taken under them.
 //!
 //! May import `domain`, `clock` and `store`; must not import `api` or anything of tonic.
 
