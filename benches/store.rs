@@ -1,4 +1,5 @@
-//! Store benchmarks: record encode/decode, and one fsync'd group commit of 1, 64 and 1,024
+//! Store benchmarks: record encode/decode, building a group commit's batch (writers' puts plus
+//! the commit thread's assembly), and one fsync'd group commit of 1, 64 and 1,024
 //! reservation-sized mutations (what the commit thread pays per batch).
 
 use std::sync::Arc;
@@ -7,7 +8,8 @@ use allot::domain::{
     IdempotencyKey, NodeId, Reservation, ReservationId, ReservationStatus, ReserveLine, Sku,
 };
 use allot::events::Feed;
-use allot::store::records::{self, Kind, ReservationRecord};
+use allot::store::batch::{BatchBuilder, Layout, Ops};
+use allot::store::records::{self, CounterRecord, Kind, PositionRecord, ReservationRecord};
 use allot::store::{self, Cf, Durability, Mutation, Store, StoreOptions, WalOptions};
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 
@@ -40,6 +42,72 @@ fn bench_records(criterion: &mut Criterion) {
     criterion.bench_function("record/decode reservation", |bencher| {
         bencher.iter(|| records::decode::<ReservationRecord>(Kind::Reservation, &bytes).unwrap())
     });
+}
+
+/// A put as mutations held them before `Ops`.
+type OwnedPut = (Cf, Vec<u8>, Vec<u8>);
+
+/// Mutations of the shape a Reserve writes: a position, a reservation and an idempotency-key
+/// record.
+const BUILD_MUTATIONS: u64 = 1_024;
+
+fn bench_batch_build(criterion: &mut Criterion) {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _recovered) = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+    let handles = Cf::ALL.map(|cf| store.cf(cf));
+    let layout = Layout::probe(&handles);
+    let position = PositionRecord { on_hand: 1_000, reserved: 17, safety_stock: None };
+    let reservation = ReservationRecord::from_reservation(&reservation(42));
+    let key_record = CounterRecord { value: 42 };
+    let position_key = |id: u64| format!("SKU-{:07}\0DC-001", id % 10_000).into_bytes();
+    let idempotency_key = |id: u64| format!("rkey-{id}").into_bytes();
+    let mut group = criterion.benchmark_group("batch build (1,024 mutations of 3 puts)");
+    // What the commit thread did before: every key and value its own allocation, copied into
+    // RocksDB's batch by one put_cf call each.
+    group.bench_function("owned keys and values, put_cf", |bencher| {
+        bencher.iter(|| {
+            let mutations: Vec<Vec<OwnedPut>> = (0..BUILD_MUTATIONS)
+                .map(|id| {
+                    vec![
+                        (Cf::Positions, position_key(id), records::encode(Kind::Position, &position)),
+                        (
+                            Cf::Reservations,
+                            id.to_be_bytes().to_vec(),
+                            records::encode(Kind::Reservation, &reservation),
+                        ),
+                        (Cf::Idempotency, idempotency_key(id), records::encode(Kind::Counter, &key_record)),
+                    ]
+                })
+                .collect();
+            let mut batch = rocksdb::WriteBatch::default();
+            for mutation in mutations {
+                for (cf, key, value) in mutation {
+                    batch.put_cf(handles[cf as usize], key, value);
+                }
+            }
+            batch
+        })
+    });
+    // Now: each mutation's puts in one buffer in WriteBatch format, assembled by copying.
+    group.bench_function("Ops buffers, BatchBuilder, from_data", |bencher| {
+        bencher.iter(|| {
+            let mutations: Vec<Ops> = (0..BUILD_MUTATIONS)
+                .map(|id| {
+                    let mut ops = Ops::default();
+                    ops.put_record(Cf::Positions, &position_key(id), Kind::Position, &position);
+                    ops.put_record(Cf::Reservations, &id.to_be_bytes(), Kind::Reservation, &reservation);
+                    ops.put_record(Cf::Idempotency, &idempotency_key(id), Kind::Counter, &key_record);
+                    ops
+                })
+                .collect();
+            let mut builder = BatchBuilder::new(&layout);
+            for ops in &mutations {
+                builder.append(ops);
+            }
+            rocksdb::WriteBatch::from_data(&builder.finish())
+        })
+    });
+    group.finish();
 }
 
 fn bench_group_commit(criterion: &mut Criterion) {
@@ -90,5 +158,5 @@ fn bench_group_commit(criterion: &mut Criterion) {
     commit_thread.join().unwrap();
 }
 
-criterion_group!(benches, bench_records, bench_group_commit);
+criterion_group!(benches, bench_records, bench_batch_build, bench_group_commit);
 criterion_main!(benches);
