@@ -1108,10 +1108,10 @@ impl Index {
         let handled = ended.len() + keys.len();
         let mut mutation = Mutation::default();
         for (_, id) in ended {
-            let old = |reservation: &Reservation| {
+            let ended_before_cutoff = self.reservations.remove_if(&id, |_, reservation| {
                 !reservation.status.is_open() && reservation.updated_at_ms < reservation_cutoff
-            };
-            if self.reservations.remove_if(&id, |_, reservation| old(reservation)).is_some() {
+            });
+            if ended_before_cutoff.is_some() {
                 mutation.delete(Cf::Reservations, keys::reservation(ReservationId(id)));
             }
         }

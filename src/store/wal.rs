@@ -261,7 +261,6 @@ fn commit_loop(
         // (the events column family's inserts were 8% of the daemon under ReserveBatch).
         for mutation in &mut batch {
             write_batch.append(&mutation.ops);
-            mutation.ops = Ops::default();
             for mut change in mutation.changes.drain(..) {
                 sequence += 1;
                 change.sequence = sequence;
