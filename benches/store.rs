@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use allot::domain::{
-    IdempotencyKey, NodeId, Reservation, ReservationId, ReservationStatus, ReserveLine, Sku,
+    IdempotencyKey, NodeId, Reservation, ReservationId, ReservationStatus, ReserveLine, ReserveRequest, Sku,
 };
 use allot::events::Feed;
 use allot::store::batch::{BatchBuilder, Layout, Ops};
@@ -30,6 +30,10 @@ fn reservation(id: u64) -> Reservation {
         updated_at_ms: 1_700_000_000_000,
         capacity_day: None,
         fulfilment_order_id: None,
+        reserve_request: Some(ReserveRequest {
+            fingerprint: 0x5eed_f00d,
+            expires_at_ms: Some(1_700_000_060_000),
+        }),
     }
 }
 
@@ -47,8 +51,8 @@ fn bench_records(criterion: &mut Criterion) {
 /// A put as mutations held them before `Ops`.
 type OwnedPut = (Cf, Vec<u8>, Vec<u8>);
 
-/// Mutations of the shape a Reserve writes: a position, a reservation and an idempotency-key
-/// record.
+/// Mutations of three puts: a position, a reservation and an idempotency-key record (what a
+/// Reserve wrote before store format 3, which keeps the key in the reservation's record).
 const BUILD_MUTATIONS: u64 = 1_024;
 
 fn bench_batch_build(criterion: &mut Criterion) {

@@ -14,6 +14,7 @@ use allot::clock::{Clock, ManualClock, SystemClock};
 use allot::config::Config;
 use allot::proto::v1;
 use allot::server::Running;
+use allot::store::keys::IdemNamespace;
 use common::{InventoryClient, line, node, stock};
 use rand::{Rng, SeedableRng};
 use tonic::Code;
@@ -1496,6 +1497,115 @@ async fn terminal_reservations_and_keys_are_forgotten_after_their_retention() {
     }
     assert_eq!(status(get_reservation(&mut client, &held.reservation_id).await), ReservationStatus::Held);
     daemon.stop().await;
+}
+
+#[tokio::test]
+async fn reserve_keys_are_kept_by_their_reservations_and_outlive_them() {
+    // Goal: a Reserve key has no record of its own while its reservation's record remembers
+    // it (store format 3), yet it answers replays across restarts exactly as before: with the
+    // first answer's expiry after an extension, after its reservation is purged (the key then
+    // gets a record of its own), and it is forgotten after its own retention, then free again.
+    // Method: a ManualClock, terminal reservations kept 1 hour and keys 1 day, restarts.
+    const HOUR_MS: u64 = 3_600_000;
+    const DAY_MS: u64 = 24 * HOUR_MS;
+    let clock = Arc::new(ManualClock::new(1_700_000_000_000));
+    let adjust = |config: &mut Config| {
+        config.index.terminal_reservation_retention_ms = HOUR_MS;
+        config.index.idempotency_retention_ms = DAY_MS;
+        config.server.purge_interval_ms = DAY_MS;
+    };
+    let daemon = Daemon::start_with(adjust, clock.clone()).await;
+    let mut client = daemon.client.clone();
+    upsert(&mut client, vec![node("NODE-A", 0.0, 0.0)]).await;
+    set_stock(&mut client, vec![stock("SKU-1", "NODE-A", 100)]).await;
+    let kept_request = reserve_request("kept", vec![line("SKU-1", "NODE-A", 2)], 60_000);
+    let kept = reserve(&mut client, kept_request.clone()).await;
+    let ended_request = reserve_request("ended", vec![line("SKU-1", "NODE-A", 3)], 0);
+    let ended = reserve(&mut client, ended_request.clone()).await;
+    let extend =
+        v1::ExtendReservationRequest { reservation_id: kept.reservation_id.clone(), ttl_ms: 600_000 };
+    let extended = client.extend_reservation(extend).await.unwrap().into_inner();
+    assert_ne!(extended.expires_at, kept.expires_at);
+    // Confirmed: open, so kept past its key's retention.
+    let confirm = v1::ConfirmReservationRequest {
+        reservation_id: kept.reservation_id.clone(),
+        reference: String::new(),
+    };
+    client.confirm_reservation(confirm).await.unwrap();
+    let release = v1::ReleaseReservationRequest { reservation_id: ended.reservation_id.clone() };
+    client.release_reservation(release).await.unwrap();
+
+    // No key has a record of its own; after a restart both answer from their reservations.
+    let dir = daemon.stop_keeping_data().await;
+    let daemon = Daemon::start_in(dir, adjust, clock.clone()).await;
+    let mut client = daemon.client.clone();
+    for key in ["kept", "ended"] {
+        assert_eq!(read_key(&daemon, key), None, "{key}");
+    }
+    assert_eq!(reserve(&mut client, kept_request.clone()).await, kept, "the first answer, not the extension");
+    assert_eq!(reserve(&mut client, ended_request.clone()).await, ended);
+    let mut other = ended_request.clone();
+    other.lines[0].qty = 4;
+    expect_error(
+        "another request, same key",
+        client.reserve(other.clone()).await,
+        Code::AlreadyExists,
+        "ended",
+    );
+
+    // An hour on, the released reservation is purged; its key stays, in a record of its own.
+    clock.advance_ms(HOUR_MS + 1);
+    let index = daemon.running.core.index.clone();
+    assert_eq!(index.purge_expired_history(10_000).unwrap(), 1, "the released reservation");
+    let request = v1::GetReservationRequest { reservation_id: ended.reservation_id.clone() };
+    expect_error("purged", client.get_reservation(request).await, Code::NotFound, &ended.reservation_id);
+    let dir = daemon.stop_keeping_data().await;
+    let daemon = Daemon::start_in(dir, adjust, clock.clone()).await;
+    let mut client = daemon.client.clone();
+    let record = read_key(&daemon, "ended").expect("a record of its own");
+    assert_eq!(record.reservation_id.map(|id| format!("rsv-{id}")), Some(ended.reservation_id.clone()));
+    assert_eq!(read_key(&daemon, "kept"), None);
+    assert_eq!(reserve(&mut client, ended_request.clone()).await, ended, "a replay after the purge");
+    expect_error("still taken", client.reserve(other.clone()).await, Code::AlreadyExists, "ended");
+    assert_eq!(reserve(&mut client, kept_request.clone()).await, kept);
+
+    // A day after they were made, both keys are forgotten, the record deleted, and neither
+    // comes back at a restart (the confirmed reservation still names its key).
+    clock.advance_ms(DAY_MS);
+    let index = daemon.running.core.index.clone();
+    assert_eq!(index.purge_expired_history(10_000).unwrap(), 2, "both keys");
+    let dir = daemon.stop_keeping_data().await;
+    let daemon = Daemon::start_in(dir, adjust, clock.clone()).await;
+    let mut client = daemon.client.clone();
+    assert_eq!(read_key(&daemon, "ended"), None);
+    let again = reserve(&mut client, other.clone()).await;
+    assert!(!again.reservation_id.is_empty() && again.reservation_id != ended.reservation_id);
+    let mut kept_other = kept_request.clone();
+    kept_other.lines[0].qty = 1;
+    let kept_again = reserve(&mut client, kept_other.clone()).await;
+    assert!(kept_again.reservation_id != kept.reservation_id, "a new reservation under a forgotten key");
+    assert_eq!(
+        ReservationStatus::try_from(get_reservation(&mut client, &kept.reservation_id).await.status).unwrap(),
+        ReservationStatus::Confirmed,
+        "the first reservation under the key stays itself",
+    );
+    // The key now answers for its new reservation, also after a restart with a retention
+    // long enough that both reservations' records name the key: the younger wins.
+    let dir = daemon.stop_keeping_data().await;
+    let longer = |config: &mut Config| {
+        adjust(config);
+        config.index.idempotency_retention_ms = 3 * DAY_MS;
+    };
+    let daemon = Daemon::start_in(dir, longer, clock.clone()).await;
+    let mut client = daemon.client.clone();
+    assert_eq!(reserve(&mut client, kept_other).await, kept_again);
+    assert_eq!(reserve(&mut client, other).await, again);
+    daemon.stop().await;
+}
+
+/// The stored record of a Reserve key, if it has one of its own.
+fn read_key(daemon: &Daemon, key: &str) -> Option<allot::store::records::IdempotencyRecord> {
+    daemon.running.core.store.read_idempotency(IdemNamespace::Reserve, key).unwrap()
 }
 
 /// Reserves one unit of SKU-1 at NODE-A `calls` × 500 times through ReserveBatch, each for one

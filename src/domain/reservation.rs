@@ -45,6 +45,18 @@ pub struct Reservation {
     /// with its fulfilment order (shipment, shortage, cancellation), never by the Inventory
     /// service's confirm, extend or release.
     pub fulfilment_order_id: Option<u64>,
+    /// Set on a hold made by Reserve: what a replay of that request answers. The reservation's
+    /// record carries it, so its idempotency key needs no record of its own while the
+    /// reservation is kept (see `Index::purge_expired_history`).
+    pub reserve_request: Option<ReserveRequest>,
+}
+
+/// The Reserve request behind a hold, as its idempotency key remembers it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReserveRequest {
+    pub fingerprint: u64,
+    /// The expiry the first answer gave (an extension does not change a replay's answer).
+    pub expires_at_ms: Option<u64>,
 }
 
 /// One line that could not be held.

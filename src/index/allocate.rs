@@ -239,6 +239,7 @@ impl Index {
             reference: command.reference.clone(),
             channel: command.request.channel.clone(),
             idempotency_key: command.idempotency_key.clone(),
+            reserve_fingerprint: None,
             capacity_day: Some(day),
         };
         let reservation = self.create_hold(&mut locks, &nodes, &mut mutation, hold, now_ms);

@@ -36,7 +36,7 @@ use crate::clock::Clock;
 use crate::domain::{
     self, AdjustStockCommand, AuditEvent, AvailabilityChange, Channel, IdempotencyKey, Limits, Node, NodeId,
     Position, PositionView, Reservation, ReservationId, ReservationStatus, ReserveCommand, ReserveLine,
-    Shortfall, Sku, StockEntry, Transition, TransitionOutcome,
+    ReserveRequest, Shortfall, Sku, StockEntry, Transition, TransitionOutcome,
 };
 use crate::routing::RoutingRules;
 use crate::store::keys::{self, IdemNamespace};
@@ -202,6 +202,8 @@ struct Hold {
     idempotency_key: IdempotencyKey,
     /// Set when the hold consumed node capacity on that capacity day.
     capacity_day: Option<u64>,
+    /// Reserve: the request's fingerprint (see `Reservation::reserve_request`).
+    reserve_fingerprint: Option<u64>,
 }
 
 /// A remembered idempotent outcome.
@@ -217,6 +219,9 @@ enum IdemOutcome {
     Reserved {
         id: ReservationId,
         expires_at_ms: Option<u64>,
+        /// Whether the key has a record of its own in the store. A new key has not: the
+        /// reservation's record remembers it, until the purge forgets the reservation first.
+        own_record: bool,
     },
     Adjusted(Vec<PositionView>),
     /// Allocate: the response stays on disk only (it holds the whole plan; a replay reads it
@@ -323,8 +328,11 @@ impl Index {
             index.shards[shard_index].lock().skus.insert(sku, SkuStock::from_sorted(group));
         }
         index.position_count.store(recovered.position_count as i64, Ordering::Relaxed);
-        let today = index.options.rules.capacity_day(index.clock.now_ms());
+        let now_ms = index.clock.now_ms();
+        let today = index.options.rules.capacity_day(now_ms);
+        let key_cutoff = now_ms.saturating_sub(index.options.idempotency_retention_ms);
         let mut ended = Vec::new();
+        let mut keys = Vec::with_capacity(recovered.reservations.len() + recovered.idempotency.len());
         for reservation in recovered.reservations {
             if !reservation.status.is_open() {
                 ended.push((reservation.updated_at_ms, reservation.id.0));
@@ -340,16 +348,32 @@ impl Index {
             {
                 index.expiry.push(reservation.id, expires_at_ms);
             }
+            // A Reserve key its reservation remembers, unless past its retention (the purge
+            // would forget it at its next tick; it may have done so already).
+            if let (Some(request), Some(key)) = (reservation.reserve_request, &reservation.idempotency_key)
+                && reservation.created_at_ms >= key_cutoff
+            {
+                let entry = IdemEntry {
+                    fingerprint: request.fingerprint,
+                    created_at_ms: reservation.created_at_ms,
+                    outcome: IdemOutcome::Reserved {
+                        id: reservation.id,
+                        expires_at_ms: request.expires_at_ms,
+                        own_record: false,
+                    },
+                };
+                index.recover_key((IdemNamespace::Reserve, key.shared()), entry, &mut keys);
+            }
             index.reservations.insert(reservation.id.0, Box::new(reservation));
         }
         ended.sort_unstable();
         index.ended = RetentionQueue::from_sorted(index.options.shard_count, ended);
-        let mut keys = Vec::with_capacity(recovered.idempotency.len());
         for (namespace, key, record) in recovered.idempotency {
             let outcome = match namespace {
                 IdemNamespace::Reserve => IdemOutcome::Reserved {
                     id: ReservationId(record.reservation_id.unwrap_or_default()),
                     expires_at_ms: record.expires_at_ms,
+                    own_record: true,
                 },
                 IdemNamespace::Adjust => IdemOutcome::Adjusted(
                     record.positions.into_iter().filter_map(|view| view.into_view().ok()).collect(),
@@ -361,12 +385,9 @@ impl Index {
                 | IdemNamespace::ReturnCreate
                 | IdemNamespace::ReturnReceive => continue,
             };
-            let key: IdemMapKey = (namespace, Arc::from(key.as_str()));
-            keys.push((record.created_at_ms, key.clone()));
-            index.idempotency.insert(
-                key,
-                IdemEntry { fingerprint: record.fingerprint, created_at_ms: record.created_at_ms, outcome },
-            );
+            let entry =
+                IdemEntry { fingerprint: record.fingerprint, created_at_ms: record.created_at_ms, outcome };
+            index.recover_key((namespace, Arc::from(key.as_str())), entry, &mut keys);
         }
         keys.sort_unstable_by_key(|(created_at_ms, _)| *created_at_ms);
         index.keys = RetentionQueue::from_sorted(index.options.shard_count, keys);
@@ -447,6 +468,23 @@ impl Index {
             }
             Entry::Occupied(_) => {
                 Err(IndexError::AlreadyExists(format!("{field} {key:?} was used for a different request")))
+            }
+        }
+    }
+
+    /// Start-up: remembers a recovered key, and lists it for the retention queue. Where two
+    /// records name one key (a key forgotten and made again, while the reservation it first
+    /// made is kept), the younger wins.
+    fn recover_key(&self, key: IdemMapKey, entry: IdemEntry, queue: &mut Vec<(u64, IdemMapKey)>) {
+        match self.idempotency.entry(key) {
+            Entry::Occupied(occupied) if occupied.get().created_at_ms >= entry.created_at_ms => {}
+            Entry::Occupied(mut occupied) => {
+                queue.push((entry.created_at_ms, occupied.key().clone()));
+                occupied.insert(entry);
+            }
+            Entry::Vacant(vacant) => {
+                queue.push((entry.created_at_ms, vacant.key().clone()));
+                vacant.insert(entry);
             }
         }
     }
@@ -817,7 +855,7 @@ impl Index {
         let key = &command.idempotency_key;
         let vacant = match self.claim_key(IdemNamespace::Reserve, key, fingerprint, "idempotency_key")? {
             Claim::New(vacant) => vacant,
-            Claim::Replay(IdemOutcome::Reserved { id, expires_at_ms }) => {
+            Claim::Replay(IdemOutcome::Reserved { id, expires_at_ms, .. }) => {
                 drop((locks, slot));
                 return self.barrier(ReserveOutcome::Reserved { id, expires_at_ms });
             }
@@ -852,7 +890,9 @@ impl Index {
             channel: command.channel.clone(),
             idempotency_key: command.idempotency_key.clone(),
             capacity_day: None,
+            reserve_fingerprint: Some(fingerprint),
         };
+        // The reservation's record remembers the key too: no idempotency record of its own.
         let reservation = self.create_hold(&mut locks, &nodes, &mut mutation, hold, now_ms);
         let (id, expires_at_ms) = (reservation.id, reservation.expires_at_ms);
         mutation.audit.push(reservation_event(
@@ -860,20 +900,6 @@ impl Index {
             &reservation,
             actor(command.channel.as_ref()),
         ));
-        let record = IdempotencyRecord {
-            fingerprint,
-            created_at_ms: now_ms,
-            reservation_id: Some(id.0),
-            expires_at_ms,
-            positions: Vec::new(),
-            response: Vec::new(),
-        };
-        mutation.put_record(
-            Cf::Idempotency,
-            keys::idempotency(IdemNamespace::Reserve, command.idempotency_key.as_str()),
-            Kind::Idempotency,
-            &record,
-        );
         let ack = mutation.acknowledged();
         self.wal.submit(slot, mutation);
         self.track_hold(reservation);
@@ -882,7 +908,7 @@ impl Index {
             IdemEntry {
                 fingerprint,
                 created_at_ms: now_ms,
-                outcome: IdemOutcome::Reserved { id, expires_at_ms },
+                outcome: IdemOutcome::Reserved { id, expires_at_ms, own_record: false },
             },
         );
         drop(locks);
@@ -909,6 +935,7 @@ impl Index {
             let position = Position { reserved: before.reserved + line.qty, ..before };
             self.write_position(mutation, nodes, &line.sku, &line.node_id, stock, Some(before), position);
         }
+        let expires_at_ms = (hold.ttl_ms > 0).then(|| now_ms.saturating_add(hold.ttl_ms));
         let reservation = Reservation {
             id,
             status: ReservationStatus::Held,
@@ -917,10 +944,13 @@ impl Index {
             channel: hold.channel,
             idempotency_key: Some(hold.idempotency_key),
             created_at_ms: now_ms,
-            expires_at_ms: (hold.ttl_ms > 0).then(|| now_ms.saturating_add(hold.ttl_ms)),
+            expires_at_ms,
             updated_at_ms: now_ms,
             capacity_day: hold.capacity_day,
             fulfilment_order_id: None,
+            reserve_request: hold
+                .reserve_fingerprint
+                .map(|fingerprint| ReserveRequest { fingerprint, expires_at_ms }),
         };
         mutation.put_record(
             Cf::Reservations,
@@ -1107,24 +1137,65 @@ impl Index {
         let keys = self.keys.pop_due(key_cutoff, batch_len_max - ended.len());
         let handled = ended.len() + keys.len();
         let mut mutation = Mutation::default();
+        for (_, key) in keys {
+            // A key forgotten and made again since has a younger entry of its own.
+            let removed = self.idempotency.remove_if(&key, |_, entry| entry.created_at_ms < key_cutoff);
+            let own_record = match removed {
+                None => false,
+                Some((_, IdemEntry { outcome: IdemOutcome::Reserved { own_record, .. }, .. })) => own_record,
+                Some(_) => true,
+            };
+            if own_record {
+                mutation.delete(Cf::Idempotency, keys::idempotency(key.0, &key.1));
+            }
+        }
         for (_, id) in ended {
             let ended_before_cutoff = self.reservations.remove_if(&id, |_, reservation| {
                 !reservation.status.is_open() && reservation.updated_at_ms < reservation_cutoff
             });
-            if ended_before_cutoff.is_some() {
-                mutation.delete(Cf::Reservations, keys::reservation(ReservationId(id)));
-            }
-        }
-        for (_, key) in keys {
-            // A key forgotten and made again since has a younger entry of its own.
-            if self.idempotency.remove_if(&key, |_, entry| entry.created_at_ms < key_cutoff).is_some() {
-                mutation.delete(Cf::Idempotency, keys::idempotency(key.0, &key.1));
+            if let Some((_, reservation)) = ended_before_cutoff {
+                mutation.delete(Cf::Reservations, keys::reservation(reservation.id));
+                self.keep_reserve_key(&reservation, key_cutoff, &mut mutation);
             }
         }
         if !mutation.ops.is_empty() {
             self.wal.submit(slot, mutation);
         }
         Ok(handled)
+    }
+
+    /// The purge forgets `reservation`: if its record was what remembered the Reserve key that
+    /// made it, and the key is kept longer (made at or after `key_cutoff`), the key gets a
+    /// record of its own. A key past its retention is queued to be forgotten anyway.
+    fn keep_reserve_key(&self, reservation: &Reservation, key_cutoff: u64, mutation: &mut Mutation) {
+        let (Some(_), Some(key)) = (reservation.reserve_request, &reservation.idempotency_key) else {
+            return;
+        };
+        let Some(mut entry) = self.idempotency.get_mut(&(IdemNamespace::Reserve, key.shared())) else {
+            return;
+        };
+        let (fingerprint, created_at_ms) = (entry.fingerprint, entry.created_at_ms);
+        let IdemOutcome::Reserved { id, expires_at_ms, own_record } = &mut entry.outcome else {
+            return;
+        };
+        if *id != reservation.id || *own_record || created_at_ms < key_cutoff {
+            return;
+        }
+        *own_record = true;
+        let record = IdempotencyRecord {
+            fingerprint,
+            created_at_ms,
+            reservation_id: Some(id.0),
+            expires_at_ms: *expires_at_ms,
+            positions: Vec::new(),
+            response: Vec::new(),
+        };
+        mutation.put_record(
+            Cf::Idempotency,
+            keys::idempotency(IdemNamespace::Reserve, key.as_str()),
+            Kind::Idempotency,
+            &record,
+        );
     }
 }
 

@@ -153,6 +153,7 @@ impl Txn<'_> {
             updated_at_ms: self.now_ms,
             capacity_day,
             fulfilment_order_id: Some(fulfilment_order_id),
+            reserve_request: None,
         };
         self.write_reservation(&reservation);
         self.index.open_reservation_count.fetch_add(1, Ordering::Relaxed);

@@ -7,7 +7,7 @@ use prost::Message;
 
 use crate::domain::{
     AuditEvent, AvailabilityChange, Channel, IdempotencyKey, Node, NodeId, NodeType, Position, PositionView,
-    Reservation, ReservationId, ReservationStatus, ReserveLine, ShippingRates, Sku, Totals,
+    Reservation, ReservationId, ReservationStatus, ReserveLine, ReserveRequest, ShippingRates, Sku, Totals,
 };
 
 /// The record format this build writes and reads.
@@ -243,6 +243,13 @@ pub struct ReservationRecord {
     pub capacity_day: Option<u64>,
     #[prost(uint64, optional, tag = "11")]
     pub fulfilment_order_id: Option<u64>,
+    /// A hold made by Reserve: the request's fingerprint (its idempotency key is
+    /// `idempotency_key`, made at `created_at_ms`) ...
+    #[prost(uint64, optional, tag = "12")]
+    pub reserve_fingerprint: Option<u64>,
+    /// ... and the expiry its first answer gave.
+    #[prost(uint64, optional, tag = "13")]
+    pub reserve_expires_at_ms: Option<u64>,
 }
 
 impl ReservationRecord {
@@ -277,6 +284,8 @@ impl ReservationRecord {
             updated_at_ms: reservation.updated_at_ms,
             capacity_day: reservation.capacity_day,
             fulfilment_order_id: reservation.fulfilment_order_id,
+            reserve_fingerprint: reservation.reserve_request.map(|request| request.fingerprint),
+            reserve_expires_at_ms: reservation.reserve_request.and_then(|request| request.expires_at_ms),
         }
     }
 
@@ -320,6 +329,9 @@ impl ReservationRecord {
             updated_at_ms: self.updated_at_ms,
             capacity_day: self.capacity_day,
             fulfilment_order_id: self.fulfilment_order_id,
+            reserve_request: self
+                .reserve_fingerprint
+                .map(|fingerprint| ReserveRequest { fingerprint, expires_at_ms: self.reserve_expires_at_ms }),
         })
     }
 }

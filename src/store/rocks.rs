@@ -23,7 +23,11 @@ use crate::domain::{
 /// The format this build writes; a newer one on disk is refused rather than misread.
 /// 2: the commit thread's writes go to allotd's own journal (`journal/`), not RocksDB's WAL;
 /// a build that reads only format 1 would ignore the journal, so it must refuse format 2.
-const STORE_FORMAT_VERSION: u64 = 2;
+/// 3: a reservation made by Reserve remembers its idempotency key in its own record (fields
+/// `reserve_fingerprint`, `reserve_expires_at_ms`); the key has no record of its own until the
+/// reservation is purged. A format-2 build would forget those keys, so it must refuse format 3.
+/// Formats 1 and 2 open as they are: their keys all have records of their own.
+const STORE_FORMAT_VERSION: u64 = 3;
 
 #[derive(Debug, Clone)]
 pub struct StoreOptions {
