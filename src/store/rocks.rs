@@ -119,10 +119,13 @@ impl Store {
             let mut cf_options = Options::default();
             cf_options.set_compression_type(DBCompressionType::Lz4);
             cf_options.set_write_buffer_size(options.write_buffer_bytes);
-            if cf.read_only_at_start_up() {
-                // Never read while serving (only iterated once at start-up): an append-only
-                // vector memtable, sorted when flushed, instead of a skip list whose random
-                // inserts were the commit thread's largest cost.
+            // Never read while serving (only iterated once at start-up): an append-only vector
+            // memtable, sorted when flushed, instead of a skip list whose random inserts were
+            // the commit thread's largest cost. Not for reservations: their keys are ids, made
+            // in ascending order, which a skip list appends cheaply (only a reservation's later
+            // changes go in further back), while sorting the vector at each flush cost more
+            // (ReserveBatch 50 x 4: 128,700 against 117,700/s, six interleaved pairs).
+            if cf.read_only_at_start_up() && *cf != Cf::Reservations {
                 cf_options.set_memtable_factory(rocksdb::MemtableFactory::Vector);
             }
             ColumnFamilyDescriptor::new(cf.name(), cf_options)
