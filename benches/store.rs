@@ -5,7 +5,8 @@
 use std::sync::Arc;
 
 use allot::domain::{
-    IdempotencyKey, NodeId, Reservation, ReservationId, ReservationStatus, ReserveLine, ReserveRequest, Sku,
+    HoldOrigin, IdempotencyKey, NodeId, Reservation, ReservationId, ReservationStatus, ReserveLine,
+    ReserveRequest, Sku,
 };
 use allot::events::Feed;
 use allot::store::batch::{BatchBuilder, Layout, Ops};
@@ -28,9 +29,7 @@ fn reservation(id: u64) -> Reservation {
         created_at_ms: 1_700_000_000_000,
         expires_at_ms: Some(1_700_000_060_000),
         updated_at_ms: 1_700_000_000_000,
-        capacity_day: None,
-        fulfilment_order_id: None,
-        reserve_request: Some(ReserveRequest {
+        origin: HoldOrigin::Reserve(ReserveRequest {
             fingerprint: 0x5eed_f00d,
             expires_at_ms: Some(1_700_000_060_000),
         }),

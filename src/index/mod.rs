@@ -34,9 +34,9 @@ use tokio::sync::oneshot;
 
 use crate::clock::Clock;
 use crate::domain::{
-    self, AdjustStockCommand, AuditEvent, AvailabilityChange, Channel, IdempotencyKey, Limits, Node, NodeId,
-    Position, PositionView, Reservation, ReservationId, ReservationStatus, ReserveCommand, ReserveLine,
-    ReserveRequest, Shortfall, Sku, StockEntry, Transition, TransitionOutcome,
+    self, AdjustStockCommand, AuditEvent, AvailabilityChange, Channel, HoldOrigin, IdempotencyKey, Limits,
+    Node, NodeId, Position, PositionView, Reservation, ReservationId, ReservationStatus, ReserveCommand,
+    ReserveLine, ReserveRequest, Shortfall, Sku, StockEntry, Transition, TransitionOutcome,
 };
 use crate::routing::RoutingRules;
 use crate::store::keys::{self, IdemNamespace};
@@ -337,7 +337,7 @@ impl Index {
             if !reservation.status.is_open() {
                 ended.push((reservation.updated_at_ms, reservation.id.0));
             }
-            if reservation.capacity_day == Some(today) && allocate::counts_capacity(reservation.status) {
+            if reservation.capacity_day() == Some(today) && allocate::counts_capacity(reservation.status) {
                 index.recount_capacity(&reservation.lines, today);
             }
             if reservation.status.is_open() {
@@ -350,7 +350,7 @@ impl Index {
             }
             // A Reserve key its reservation remembers, unless past its retention (the purge
             // would forget it at its next tick; it may have done so already).
-            if let (Some(request), Some(key)) = (reservation.reserve_request, &reservation.idempotency_key)
+            if let (Some(request), Some(key)) = (reservation.reserve_request(), &reservation.idempotency_key)
                 && reservation.created_at_ms >= key_cutoff
             {
                 let entry = IdemEntry {
@@ -946,11 +946,11 @@ impl Index {
             created_at_ms: now_ms,
             expires_at_ms,
             updated_at_ms: now_ms,
-            capacity_day: hold.capacity_day,
-            fulfilment_order_id: None,
-            reserve_request: hold
-                .reserve_fingerprint
-                .map(|fingerprint| ReserveRequest { fingerprint, expires_at_ms }),
+            origin: match (hold.reserve_fingerprint, hold.capacity_day) {
+                (Some(fingerprint), _) => HoldOrigin::Reserve(ReserveRequest { fingerprint, expires_at_ms }),
+                (None, Some(capacity_day)) => HoldOrigin::Allocate { capacity_day },
+                (None, None) => HoldOrigin::Plain,
+            },
         };
         mutation.put_record(
             Cf::Reservations,
@@ -989,7 +989,7 @@ impl Index {
             .get_mut(&id.0)
             .ok_or_else(|| IndexError::NotFound(format!("reservation {id} does not exist")))?;
         let now_ms = self.clock.now_ms();
-        if let Some(fulfilment_order_id) = reservation.fulfilment_order_id {
+        if let Some(fulfilment_order_id) = reservation.fulfilment_order_id() {
             return Err(IndexError::FailedPrecondition(format!(
                 "reservation {id} backs fulfilment order fo-{fulfilment_order_id}; it moves with that \
                  fulfilment order (ship, report a shortage, or cancel the order)"
@@ -1043,7 +1043,7 @@ impl Index {
                 );
             }
             self.open_reservation_count.fetch_sub(1, Ordering::Relaxed);
-            if let Some(day) = reservation.capacity_day {
+            if let Some(day) = reservation.capacity_day() {
                 self.return_capacity(&reservation.lines, day);
             }
         }
@@ -1168,7 +1168,7 @@ impl Index {
     /// made it, and the key is kept longer (made at or after `key_cutoff`), the key gets a
     /// record of its own. A key past its retention is queued to be forgotten anyway.
     fn keep_reserve_key(&self, reservation: &Reservation, key_cutoff: u64, mutation: &mut Mutation) {
-        let (Some(_), Some(key)) = (reservation.reserve_request, &reservation.idempotency_key) else {
+        let (Some(_), Some(key)) = (reservation.reserve_request(), &reservation.idempotency_key) else {
             return;
         };
         let Some(mut entry) = self.idempotency.get_mut(&(IdemNamespace::Reserve, key.shared())) else {

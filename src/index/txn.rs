@@ -17,7 +17,8 @@ use tokio::sync::oneshot;
 use super::allocate::LockedStock;
 use super::{Index, IndexError, NodeTable, ShardLocks};
 use crate::domain::{
-    AuditEvent, Channel, NodeId, Position, Reservation, ReservationId, ReservationStatus, ReserveLine, Sku,
+    AuditEvent, Channel, HoldOrigin, NodeId, Position, Reservation, ReservationId, ReservationStatus,
+    ReserveLine, Sku,
 };
 use crate::routing::{self, RoutePlan, RouteRequest, RoutingRules};
 use crate::store::keys;
@@ -151,9 +152,7 @@ impl Txn<'_> {
             created_at_ms: self.now_ms,
             expires_at_ms: None,
             updated_at_ms: self.now_ms,
-            capacity_day,
-            fulfilment_order_id: Some(fulfilment_order_id),
-            reserve_request: None,
+            origin: HoldOrigin::Fulfilment { order_id: fulfilment_order_id, capacity_day },
         };
         self.write_reservation(&reservation);
         self.index.open_reservation_count.fetch_add(1, Ordering::Relaxed);
@@ -224,7 +223,7 @@ impl Txn<'_> {
         drop(reservation);
         self.index.open_reservation_count.fetch_sub(1, Ordering::Relaxed);
         if status == ReservationStatus::Released
-            && let Some(day) = closed.capacity_day
+            && let Some(day) = closed.capacity_day()
         {
             self.index.return_capacity(&closed.lines, day);
         }

@@ -6,8 +6,9 @@
 use prost::Message;
 
 use crate::domain::{
-    AuditEvent, AvailabilityChange, Channel, IdempotencyKey, Node, NodeId, NodeType, Position, PositionView,
-    Reservation, ReservationId, ReservationStatus, ReserveLine, ReserveRequest, ShippingRates, Sku, Totals,
+    AuditEvent, AvailabilityChange, Channel, HoldOrigin, IdempotencyKey, Node, NodeId, NodeType, Position,
+    PositionView, Reservation, ReservationId, ReservationStatus, ReserveLine, ReserveRequest, ShippingRates,
+    Sku, Totals,
 };
 
 /// The record format this build writes and reads.
@@ -282,10 +283,10 @@ impl ReservationRecord {
             created_at_ms: reservation.created_at_ms,
             expires_at_ms: reservation.expires_at_ms,
             updated_at_ms: reservation.updated_at_ms,
-            capacity_day: reservation.capacity_day,
-            fulfilment_order_id: reservation.fulfilment_order_id,
-            reserve_fingerprint: reservation.reserve_request.map(|request| request.fingerprint),
-            reserve_expires_at_ms: reservation.reserve_request.and_then(|request| request.expires_at_ms),
+            capacity_day: reservation.capacity_day(),
+            fulfilment_order_id: reservation.fulfilment_order_id(),
+            reserve_fingerprint: reservation.reserve_request().map(|request| request.fingerprint),
+            reserve_expires_at_ms: reservation.reserve_request().and_then(|request| request.expires_at_ms),
         }
     }
 
@@ -327,11 +328,15 @@ impl ReservationRecord {
             created_at_ms: self.created_at_ms,
             expires_at_ms: self.expires_at_ms,
             updated_at_ms: self.updated_at_ms,
-            capacity_day: self.capacity_day,
-            fulfilment_order_id: self.fulfilment_order_id,
-            reserve_request: self
-                .reserve_fingerprint
-                .map(|fingerprint| ReserveRequest { fingerprint, expires_at_ms: self.reserve_expires_at_ms }),
+            origin: match (self.fulfilment_order_id, self.reserve_fingerprint, self.capacity_day) {
+                (Some(order_id), _, capacity_day) => HoldOrigin::Fulfilment { order_id, capacity_day },
+                (None, Some(fingerprint), _) => HoldOrigin::Reserve(ReserveRequest {
+                    fingerprint,
+                    expires_at_ms: self.reserve_expires_at_ms,
+                }),
+                (None, None, Some(capacity_day)) => HoldOrigin::Allocate { capacity_day },
+                (None, None, None) => HoldOrigin::Plain,
+            },
         })
     }
 }
@@ -546,10 +551,10 @@ mod tests {
     }
 
     #[test]
-    fn reservations_round_trip_with_and_without_their_reserve_request() {
-        // Goal: a reservation's record gives back the reservation exactly, including the
-        // Reserve request its key is rebuilt from (store format 3), and a hold without one
-        // (Allocate, orders) stays without. Method: encode, decode, compare, for each variant.
+    fn reservations_round_trip_with_each_origin() {
+        // Goal: a reservation's record gives back the reservation exactly, with what made it:
+        // the Reserve request its key is rebuilt from (store format 3), Allocate's capacity
+        // day, a fulfilment order, or nothing. Method: encode, decode, compare, for each.
         let base = Reservation {
             id: ReservationId(42),
             status: ReservationStatus::Confirmed,
@@ -564,20 +569,24 @@ mod tests {
             created_at_ms: 1_700_000_000_000,
             expires_at_ms: None,
             updated_at_ms: 1_700_000_005_000,
-            capacity_day: None,
-            fulfilment_order_id: None,
-            reserve_request: None,
+            origin: HoldOrigin::Plain,
         };
-        let requests = [
-            None,
-            Some(ReserveRequest { fingerprint: 0, expires_at_ms: None }),
-            Some(ReserveRequest { fingerprint: u64::MAX, expires_at_ms: Some(1_700_000_060_000) }),
+        let origins = [
+            HoldOrigin::Plain,
+            HoldOrigin::Reserve(ReserveRequest { fingerprint: 0, expires_at_ms: None }),
+            HoldOrigin::Reserve(ReserveRequest {
+                fingerprint: u64::MAX,
+                expires_at_ms: Some(1_700_000_060_000),
+            }),
+            HoldOrigin::Allocate { capacity_day: 19_700 },
+            HoldOrigin::Fulfilment { order_id: 7, capacity_day: Some(19_700) },
+            HoldOrigin::Fulfilment { order_id: 8, capacity_day: None },
         ];
-        for reserve_request in requests {
-            let reservation = Reservation { reserve_request, ..base.clone() };
+        for origin in origins {
+            let reservation = Reservation { origin, ..base.clone() };
             let bytes = encode(Kind::Reservation, &ReservationRecord::from_reservation(&reservation));
             let record: ReservationRecord = decode(Kind::Reservation, &bytes).unwrap();
-            assert_eq!(record.into_reservation(), Ok(reservation), "{reserve_request:?}");
+            assert_eq!(record.into_reservation(), Ok(reservation), "{origin:?}");
         }
     }
 }
