@@ -12,7 +12,9 @@
 use std::borrow::Cow;
 use std::sync::Arc;
 
-use super::{Claim, Hold, IdemEntry, IdemOutcome, Index, IndexError, NodeTable, Pending, ShardLocks, actor};
+use super::{
+    Claim, Hold, HoldMaker, IdemEntry, IdemOutcome, Index, IndexError, NodeTable, Pending, ShardLocks, actor,
+};
 use crate::domain::{
     AuditEvent, IdempotencyKey, Node, NodeId, ReservationId, ReservationStatus, ReserveLine, Sku,
 };
@@ -239,8 +241,7 @@ impl Index {
             reference: command.reference.clone(),
             channel: command.request.channel.clone(),
             idempotency_key: command.idempotency_key.clone(),
-            reserve_fingerprint: None,
-            capacity_day: Some(day),
+            made_by: HoldMaker::Allocate { capacity_day: day },
         };
         let reservation = self.create_hold(&mut locks, &nodes, &mut mutation, hold, now_ms);
         let (id, expires_at_ms) = (reservation.id, reservation.expires_at_ms);

@@ -200,10 +200,15 @@ struct Hold {
     reference: String,
     channel: Option<Channel>,
     idempotency_key: IdempotencyKey,
-    /// Set when the hold consumed node capacity on that capacity day.
-    capacity_day: Option<u64>,
-    /// Reserve: the request's fingerprint (see `Reservation::reserve_request`).
-    reserve_fingerprint: Option<u64>,
+    made_by: HoldMaker,
+}
+
+/// Which request makes a hold (it becomes the reservation's `HoldOrigin`).
+enum HoldMaker {
+    /// Reserve, with its request's fingerprint (see `Reservation::reserve_request`).
+    Reserve { fingerprint: u64 },
+    /// Allocate, which consumed node capacity on that capacity day.
+    Allocate { capacity_day: u64 },
 }
 
 /// A remembered idempotent outcome.
@@ -889,8 +894,7 @@ impl Index {
             reference: command.reference.clone(),
             channel: command.channel.clone(),
             idempotency_key: command.idempotency_key.clone(),
-            capacity_day: None,
-            reserve_fingerprint: Some(fingerprint),
+            made_by: HoldMaker::Reserve { fingerprint },
         };
         // The reservation's record remembers the key too: no idempotency record of its own.
         let reservation = self.create_hold(&mut locks, &nodes, &mut mutation, hold, now_ms);
@@ -946,10 +950,11 @@ impl Index {
             created_at_ms: now_ms,
             expires_at_ms,
             updated_at_ms: now_ms,
-            origin: match (hold.reserve_fingerprint, hold.capacity_day) {
-                (Some(fingerprint), _) => HoldOrigin::Reserve(ReserveRequest { fingerprint, expires_at_ms }),
-                (None, Some(capacity_day)) => HoldOrigin::Allocate { capacity_day },
-                (None, None) => HoldOrigin::Plain,
+            origin: match hold.made_by {
+                HoldMaker::Reserve { fingerprint } => {
+                    HoldOrigin::Reserve(ReserveRequest { fingerprint, expires_at_ms })
+                }
+                HoldMaker::Allocate { capacity_day } => HoldOrigin::Allocate { capacity_day },
             },
         };
         mutation.put_record(
