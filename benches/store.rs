@@ -59,7 +59,7 @@ fn bench_batch_build(criterion: &mut Criterion) {
     let (store, _recovered) = Store::open(dir.path(), &StoreOptions::default()).unwrap();
     let handles = Cf::ALL.map(|cf| store.cf(cf));
     let layout = Layout::probe(&handles);
-    let position = PositionRecord { on_hand: 1_000, reserved: 17, safety_stock: None };
+    let position = PositionRecord { on_hand: 1_000, safety_stock: None };
     let reservation = ReservationRecord::from_reservation(&reservation(42));
     let key_record = CounterRecord { value: 42 };
     let position_key = |id: u64| format!("SKU-{:07}\0DC-001", id % 10_000).into_bytes();

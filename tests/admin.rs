@@ -140,11 +140,13 @@ async fn backup_is_consistent_and_restores_into_a_second_daemon() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn consistency_check_is_clean_after_traffic_and_names_a_drifted_position() {
+async fn consistency_check_is_clean_after_traffic_recomputes_reserved_and_names_a_lost_position() {
     // Goal: the checker finds nothing after real traffic (reserves, releases, an order shipped
-    // in part, a shortage) and names exactly the position whose stored reserved count was
-    // tampered with, both on request and from the background run (metric). Method: traffic,
-    // Check; stop; overwrite one position record in RocksDB offline; restart; Check again.
+    // in part, a shortage); a stale reserved count in a position's record (as format 3 kept
+    // it) is recomputed at start-up; and the checker names exactly the position whose record
+    // went missing under a reservation, both on request and from the background run
+    // (metric). Method: traffic, Check; stop; tamper with the store offline; restart; Check
+    // again (twice).
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let running = allot::server::start(common::test_config(&data), Arc::new(SystemClock)).await.unwrap();
@@ -272,19 +274,53 @@ async fn consistency_check_is_clean_after_traffic_and_names_a_drifted_position()
     drop((inventory, admin, orders, fulfilment));
     running.shutdown().await;
 
-    // Tamper: SKU-07 at DC-1 claims 5 more reserved units than its reservations hold.
+    // Tamper 1: SKU-07 at DC-1's record in the layout of store format 3, which kept the
+    // reserved count, claiming 5 more reserved units than its reservations hold. Since format 4
+    // start-up adds up the open reservations instead: the stale count is ignored.
+    let sku = allot::domain::Sku::parse("SKU-07").unwrap();
+    let node = allot::domain::NodeId::parse("DC-1").unwrap();
+    {
+        #[derive(Clone, PartialEq, prost::Message)]
+        struct Format3PositionRecord {
+            #[prost(int64, tag = "1")]
+            on_hand: i64,
+            #[prost(int64, tag = "2")]
+            reserved: i64,
+        }
+        let (store, _) = allot::store::Store::open(&data, &allot::store::StoreOptions::default()).unwrap();
+        let record = Format3PositionRecord { on_hand: 20, reserved: reserved_before + 5 };
+        let value = allot::store::records::encode(allot::store::records::Kind::Position, &record);
+        let cf = store.cf(allot::store::Cf::Positions);
+        store.db().put_cf(cf, allot::store::keys::position(&sku, &node), value).unwrap();
+        store.flush().unwrap();
+    }
+    let running = allot::server::start(common::test_config(&data), Arc::new(SystemClock)).await.unwrap();
+    let mut inventory = common::inventory_client(running.grpc_address).await;
+    let mut admin =
+        v1::admin_client::AdminClient::connect(format!("http://{}", running.grpc_address)).await.unwrap();
+    let position = inventory
+        .get_availability(v1::GetAvailabilityRequest { skus: vec!["SKU-07".into()], ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner()
+        .items[0]
+        .nodes
+        .iter()
+        .find(|position| position.node_id == "DC-1")
+        .cloned()
+        .unwrap();
+    assert_eq!((position.on_hand, position.reserved), (20, reserved_before), "{position:?}");
+    let report = admin.check(v1::CheckRequest { listed_max: 0 }).await.unwrap().into_inner();
+    assert!(report.clean, "{report:?}");
+    drop((inventory, admin));
+    running.shutdown().await;
+
+    // Tamper 2: SKU-07 at DC-1's record deleted, while a reservation holds units there (only
+    // a damaged store is like that: positions are never deleted).
     {
         let (store, _) = allot::store::Store::open(&data, &allot::store::StoreOptions::default()).unwrap();
-        let sku = allot::domain::Sku::parse("SKU-07").unwrap();
-        let node = allot::domain::NodeId::parse("DC-1").unwrap();
-        let record = allot::store::records::PositionRecord {
-            on_hand: 20,
-            reserved: reserved_before + 5,
-            safety_stock: None,
-        };
         let cf = store.cf(allot::store::Cf::Positions);
-        let value = allot::store::records::encode(allot::store::records::Kind::Position, &record);
-        store.db().put_cf(cf, allot::store::keys::position(&sku, &node), value).unwrap();
+        store.db().delete_cf(cf, allot::store::keys::position(&sku, &node)).unwrap();
         store.flush().unwrap();
     }
     let mut config = common::test_config(&data);
@@ -300,7 +336,7 @@ async fn consistency_check_is_clean_after_traffic_and_names_a_drifted_position()
         vec![v1::check_response::Drift {
             sku: "SKU-07".into(),
             node_id: "DC-1".into(),
-            reserved: reserved_before + 5,
+            reserved: 0,
             held: reserved_before,
         }]
     );

@@ -338,9 +338,20 @@ impl Index {
         let key_cutoff = now_ms.saturating_sub(index.options.idempotency_retention_ms);
         let mut ended = Vec::new();
         let mut keys = Vec::with_capacity(recovered.reservations.len() + recovered.idempotency.len());
+        let mut unplaced = Vec::new();
         for reservation in recovered.reservations {
             if !reservation.status.is_open() {
                 ended.push((reservation.updated_at_ms, reservation.id.0));
+            } else {
+                // A position's `reserved` is the sum of the open holds on it (not stored).
+                for line in &reservation.lines {
+                    let shard = index.shards[index.shard_of(&line.sku)].get_mut();
+                    match shard.skus.get_mut(&line.sku).and_then(|stock| stock.get_mut(&line.node_id)) {
+                        Some(position) => position.reserved += line.qty,
+                        None if line.qty != 0 => unplaced.push((reservation.id, line.clone())),
+                        None => {}
+                    }
+                }
             }
             if reservation.capacity_day() == Some(today) && allocate::counts_capacity(reservation.status) {
                 index.recount_capacity(&reservation.lines, today);
@@ -370,6 +381,15 @@ impl Index {
                 index.recover_key((IdemNamespace::Reserve, key.shared()), entry, &mut keys);
             }
             index.reservations.insert(reservation.id.0, Box::new(reservation));
+        }
+        if let Some((id, line)) = unplaced.first() {
+            // Only a damaged store has these (positions are never deleted): serve on, and let
+            // the consistency check name them as drift.
+            tracing::error!(
+                lines = unplaced.len(),
+                first = %format_args!("reservation {id} holds {} of {} at {}", line.qty, line.sku, line.node_id),
+                "open reservations hold units at positions the store does not have"
+            );
         }
         ended.sort_unstable();
         index.ended = RetentionQueue::from_sorted(index.options.shard_count, ended);
@@ -734,8 +754,8 @@ impl Index {
         Ok(Pending::ready(views, ack))
     }
 
-    /// Stores `position` in `stock`, adds its record to `mutation`, and a change when its ATP
-    /// moved.
+    /// Stores `position` in `stock`, adds its record to `mutation` when its own facts changed
+    /// (see `PositionRecord`), and a change when its ATP moved.
     #[allow(clippy::too_many_arguments)]
     fn write_position(
         &self,
@@ -748,12 +768,19 @@ impl Index {
         position: Position,
     ) {
         stock.set(&nodes.shared_id(node_id), position);
-        mutation.put_record(
-            Cf::Positions,
-            keys::position(sku, node_id),
-            Kind::Position,
-            &PositionRecord::from_position(&position),
-        );
+        // The record holds what the reservations do not: a change of `reserved` alone (a
+        // hold, release or expiry) is in the reservation's record, written in this mutation.
+        let record_changed = before.is_none_or(|before| {
+            before.on_hand != position.on_hand || before.safety_stock != position.safety_stock
+        });
+        if record_changed {
+            mutation.put_record(
+                Cf::Positions,
+                keys::position(sku, node_id),
+                Kind::Position,
+                &PositionRecord::from_position(&position),
+            );
+        }
         let atp_before = before.map_or(0, |before| atp_in(nodes, node_id, &before));
         let atp = atp_in(nodes, node_id, &position);
         if atp > atp_before {

@@ -40,6 +40,10 @@ impl SkuStock {
         self.nodes.binary_search_by(|(id, _)| id.cmp(node_id)).ok().map(|index| &self.nodes[index].1)
     }
 
+    pub fn get_mut(&mut self, node_id: &NodeId) -> Option<&mut Position> {
+        self.nodes.binary_search_by(|(id, _)| id.cmp(node_id)).ok().map(|index| &mut self.nodes[index].1)
+    }
+
     pub fn set(&mut self, node_id: &NodeId, position: Position) {
         match self.nodes.binary_search_by(|(id, _)| id.cmp(node_id)) {
             Ok(index) => self.nodes[index].1 = position,

@@ -190,23 +190,27 @@ fn field(name: &str, error: impl std::fmt::Display) -> DecodeError {
     DecodeError::Field(format!("{name}: {error}"))
 }
 
+/// A position's own facts: what is on hand and the safety stock. Its `reserved` units are the
+/// open reservations' lines, which the reservations' records hold: start-up adds them up
+/// (`Index::new`), so a Reserve, release or expiry writes no position record. Up to store
+/// format 3, tag 2 kept `reserved` here too; a record that has it still decodes, and the value
+/// is ignored.
 #[derive(Clone, PartialEq, Message)]
 pub struct PositionRecord {
     #[prost(int64, tag = "1")]
     pub on_hand: i64,
-    #[prost(int64, tag = "2")]
-    pub reserved: i64,
     #[prost(int64, optional, tag = "3")]
     pub safety_stock: Option<i64>,
 }
 
 impl PositionRecord {
     pub fn from_position(position: &Position) -> Self {
-        Self { on_hand: position.on_hand, reserved: position.reserved, safety_stock: position.safety_stock }
+        Self { on_hand: position.on_hand, safety_stock: position.safety_stock }
     }
 
+    /// The position with nothing reserved yet (start-up adds the open reservations).
     pub fn into_position(self) -> Position {
-        Position { on_hand: self.on_hand, reserved: self.reserved, safety_stock: self.safety_stock }
+        Position { on_hand: self.on_hand, reserved: 0, safety_stock: self.safety_stock }
     }
 }
 
@@ -535,7 +539,7 @@ mod tests {
     fn round_trip_and_corruption() {
         // Goal: a record decodes to itself and any flipped byte is detected. Method: flip each
         // byte of an encoded record in turn.
-        let record = PositionRecord { on_hand: 7, reserved: 2, safety_stock: Some(1) };
+        let record = PositionRecord { on_hand: 7, safety_stock: Some(1) };
         let bytes = encode(Kind::Position, &record);
         assert_eq!(decode::<PositionRecord>(Kind::Position, &bytes), Ok(record));
         for index in 0..bytes.len() {
@@ -548,6 +552,26 @@ mod tests {
             Err(DecodeError::Kind { found: 2, expected: 3 })
         );
         assert_eq!(decode::<PositionRecord>(Kind::Position, &bytes[..3]), Err(DecodeError::Truncated));
+    }
+
+    #[test]
+    fn a_format_3_position_record_decodes_without_its_reserved_count() {
+        // Goal: up to store format 3 a position's record kept its reserved count (tag 2); such
+        // a record still decodes, and start-up gets the count from the reservations instead.
+        // Method: encode the old layout, decode the new.
+        #[derive(Clone, PartialEq, Message)]
+        struct Format3PositionRecord {
+            #[prost(int64, tag = "1")]
+            on_hand: i64,
+            #[prost(int64, tag = "2")]
+            reserved: i64,
+            #[prost(int64, optional, tag = "3")]
+            safety_stock: Option<i64>,
+        }
+        let old = Format3PositionRecord { on_hand: 9, reserved: 4, safety_stock: Some(2) };
+        let record: PositionRecord = decode(Kind::Position, &encode(Kind::Position, &old)).unwrap();
+        assert_eq!(record, PositionRecord { on_hand: 9, safety_stock: Some(2) });
+        assert_eq!(record.into_position(), Position { on_hand: 9, reserved: 0, safety_stock: Some(2) });
     }
 
     #[test]

@@ -27,7 +27,11 @@ use crate::domain::{
 /// `reserve_fingerprint`, `reserve_expires_at_ms`); the key has no record of its own until the
 /// reservation is purged. A format-2 build would forget those keys, so it must refuse format 3.
 /// Formats 1 and 2 open as they are: their keys all have records of their own.
-const STORE_FORMAT_VERSION: u64 = 3;
+/// 4: a position's record no longer keeps its reserved count; start-up adds up the open
+/// reservations instead, and a hold, release or expiry writes no position record. A format-3
+/// build would read every count as the last on-hand change left it, so it must refuse format 4.
+/// Formats 1 to 3 open as they are (their counts are ignored, and equal the sum anyway).
+const STORE_FORMAT_VERSION: u64 = 4;
 
 #[derive(Debug, Clone)]
 pub struct StoreOptions {
