@@ -96,7 +96,7 @@ fn bench_index(criterion: &mut Criterion) {
             reference: String::new(),
             channel: None,
         };
-        let reserved = index.reserve(&command).unwrap();
+        let reserved = index.reserve(command).unwrap();
         // The hold is applied in memory at once; its durability is awaited below.
         let (outcome, durable) = reserved.split();
         let ReserveOutcome::Reserved { id, .. } = outcome else { panic!("stock is ample") };

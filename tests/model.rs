@@ -223,7 +223,7 @@ fn run(ops: Vec<Op>) {
                 let fits = lines.iter().all(|(s, n, qty)| {
                     model.positions.get(&(*s, *n)).map_or(0, |position| position.atp(*n)) >= *qty
                 });
-                let outcome = engine.index.reserve(&command).unwrap().durable_blocking().unwrap();
+                let outcome = engine.index.reserve(command.clone()).unwrap().durable_blocking().unwrap();
                 match outcome {
                     ReserveOutcome::Reserved { id, expires_at_ms } => {
                         assert!(fits, "step {step}: reserved beyond ATP (oversold)");
@@ -246,7 +246,7 @@ fn run(ops: Vec<Op>) {
             }
             Op::ReplayLastReserve => {
                 if let Some((command, id)) = &last_reserve {
-                    let outcome = engine.index.reserve(command).unwrap().durable_blocking().unwrap();
+                    let outcome = engine.index.reserve(command.clone()).unwrap().durable_blocking().unwrap();
                     assert!(
                         matches!(outcome, ReserveOutcome::Reserved { id: replayed, .. } if replayed.0 == *id),
                         "step {step}: replay"
@@ -358,7 +358,7 @@ fn expiry_happens_exactly_at_expires_at() {
         channel: None,
     };
     let ReserveOutcome::Reserved { id, expires_at_ms } =
-        engine.index.reserve(&command).unwrap().durable_blocking().unwrap()
+        engine.index.reserve(command).unwrap().durable_blocking().unwrap()
     else {
         panic!("stock is there")
     };

@@ -154,7 +154,7 @@ async fn serve_stream(
                 }
                 let key = item.idempotency_key.clone();
                 let decided = parse_reserve(item, core.index.limits())
-                    .and_then(|command| Ok(core.index.reserve(&command)?.split()));
+                    .and_then(|command| Ok(core.index.reserve(command)?.split()));
                 waiting.push_back((key, decided));
             }
             // The request stream ended: answer what is waiting, then end with OK.
@@ -351,7 +351,7 @@ impl v1::inventory_server::Inventory for InventoryApi {
         let permit = self.core.admit(Rpc::Reserve)?;
         let result = async {
             let command = parse_reserve(request.into_inner(), self.core.index.limits())?;
-            let outcome = self.core.index.reserve(&command)?.durable().await?;
+            let outcome = self.core.index.reserve(command)?.durable().await?;
             Ok(reserve_response(&self.core, outcome))
         }
         .await;
@@ -376,7 +376,7 @@ impl v1::inventory_server::Inventory for InventoryApi {
             let mut decided = Vec::with_capacity(items.len());
             for item in items {
                 decided.push(
-                    parse_reserve(item, limits).and_then(|command| Ok(self.core.index.reserve(&command)?)),
+                    parse_reserve(item, limits).and_then(|command| Ok(self.core.index.reserve(command)?)),
                 );
             }
             let mut answers = Vec::with_capacity(decided.len());

@@ -18,13 +18,18 @@ impl ReserveCommand {
     /// A stable digest of the request, to tell a replay from a reused key. Stable across
     /// builds and restarts (FNV-1a), insensitive to line order.
     pub fn fingerprint(&self) -> u64 {
-        let mut lines: Vec<&ReserveLine> = self.lines.iter().collect();
-        lines.sort_by(|a, b| (&a.sku, &a.node_id).cmp(&(&b.sku, &b.node_id)));
         let mut digest = Fnv::new();
-        for line in lines {
+        let mut line_digest = |line: &ReserveLine| {
             digest.text(line.sku.as_str());
             digest.text(line.node_id.as_str());
             digest.bytes(&line.qty.to_le_bytes());
+        };
+        if let [line] = self.lines.as_slice() {
+            line_digest(line); // nothing to sort (and nothing to allocate)
+        } else {
+            let mut lines: Vec<&ReserveLine> = self.lines.iter().collect();
+            lines.sort_by(|a, b| (&a.sku, &a.node_id).cmp(&(&b.sku, &b.node_id)));
+            lines.into_iter().for_each(line_digest);
         }
         digest.bytes(&self.ttl_ms.to_le_bytes());
         digest.text(&self.reference);

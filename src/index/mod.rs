@@ -878,7 +878,8 @@ impl Index {
 
     /// An all-or-nothing hold. Lines name existing nodes (checked here), have qty > 0 and no
     /// (sku, node) twice (checked by the caller).
-    pub fn reserve(&self, command: &ReserveCommand) -> Result<Pending<ReserveOutcome>, IndexError> {
+    /// Takes the command by value: its lines, reference and key move into the reservation.
+    pub fn reserve(&self, command: ReserveCommand) -> Result<Pending<ReserveOutcome>, IndexError> {
         let nodes = self.nodes.load();
         known_nodes(&nodes, "lines", command.lines.iter().map(|line| &line.node_id))?;
         let fingerprint = command.fingerprint();
@@ -916,11 +917,11 @@ impl Index {
         let now_ms = self.clock.now_ms();
         let mut mutation = Mutation::default();
         let hold = Hold {
-            lines: command.lines.clone(),
+            lines: command.lines,
             ttl_ms: command.ttl_ms,
-            reference: command.reference.clone(),
-            channel: command.channel.clone(),
-            idempotency_key: command.idempotency_key.clone(),
+            reference: command.reference,
+            channel: command.channel,
+            idempotency_key: command.idempotency_key,
             made_by: HoldMaker::Reserve { fingerprint },
         };
         // The reservation's record remembers the key too: no idempotency record of its own.
@@ -929,7 +930,7 @@ impl Index {
         mutation.audit.push(reservation_event(
             "reservation.created",
             &reservation,
-            actor(command.channel.as_ref()),
+            actor(reservation.channel.as_ref()),
         ));
         let ack = mutation.acknowledged();
         self.wal.submit(slot, mutation);
