@@ -139,6 +139,13 @@ async fn backup_is_consistent_and_restores_into_a_second_daemon() {
     running.shutdown().await;
 }
 
+/// `sku` at `node_id` as GetAvailability serves it.
+async fn position_at(inventory: &mut common::InventoryClient, sku: &str, node_id: &str) -> v1::Position {
+    let request = v1::GetAvailabilityRequest { skus: vec![sku.into()], ..Default::default() };
+    let items = inventory.get_availability(request).await.unwrap().into_inner().items;
+    items[0].nodes.iter().find(|position| position.node_id == node_id).cloned().unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consistency_check_is_clean_after_traffic_recomputes_reserved_and_names_a_lost_position() {
     // Goal: the checker finds nothing after real traffic (reserves, releases, an order shipped
@@ -260,17 +267,7 @@ async fn consistency_check_is_clean_after_traffic_recomputes_reserved_and_names_
     assert!(report.clean, "{report:?}");
     assert_eq!(report.positions_checked, 100, "{report:?}");
     assert!(report.reservations_checked >= 41 && report.orders_checked == 1, "{report:?}");
-    let reserved_before = inventory
-        .get_availability(v1::GetAvailabilityRequest { skus: vec!["SKU-07".into()], ..Default::default() })
-        .await
-        .unwrap()
-        .into_inner()
-        .items[0]
-        .nodes
-        .iter()
-        .find(|position| position.node_id == "DC-1")
-        .unwrap()
-        .reserved;
+    let reserved_before = position_at(&mut inventory, "SKU-07", "DC-1").await.reserved;
     drop((inventory, admin, orders, fulfilment));
     running.shutdown().await;
 
@@ -298,17 +295,7 @@ async fn consistency_check_is_clean_after_traffic_recomputes_reserved_and_names_
     let mut inventory = common::inventory_client(running.grpc_address).await;
     let mut admin =
         v1::admin_client::AdminClient::connect(format!("http://{}", running.grpc_address)).await.unwrap();
-    let position = inventory
-        .get_availability(v1::GetAvailabilityRequest { skus: vec!["SKU-07".into()], ..Default::default() })
-        .await
-        .unwrap()
-        .into_inner()
-        .items[0]
-        .nodes
-        .iter()
-        .find(|position| position.node_id == "DC-1")
-        .cloned()
-        .unwrap();
+    let position = position_at(&mut inventory, "SKU-07", "DC-1").await;
     assert_eq!((position.on_hand, position.reserved), (20, reserved_before), "{position:?}");
     let report = admin.check(v1::CheckRequest { listed_max: 0 }).await.unwrap().into_inner();
     assert!(report.clean, "{report:?}");
