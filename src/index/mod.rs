@@ -1056,8 +1056,21 @@ impl Index {
         if returns_units {
             for line in &reservation.lines {
                 let shard = locks.shard(self.shard_of(&line.sku));
-                let stock = shard.stock_mut(&line.sku);
-                let before = *stock.get(&line.node_id).expect("an open reservation's position exists");
+                let Some((stock, before)) = shard
+                    .skus
+                    .get_mut(&line.sku)
+                    .and_then(|stock| stock.get(&line.node_id).copied().map(|before| (stock, before)))
+                else {
+                    // A damaged store lost this position (start-up said so): its units were
+                    // never counted, so there is nothing to give back.
+                    tracing::error!(
+                        reservation = %id,
+                        sku = %line.sku,
+                        node_id = %line.node_id,
+                        "a reservation's position is missing; its line ends without returning units"
+                    );
+                    continue;
+                };
                 assert!(
                     before.reserved >= line.qty,
                     "reserved {} below a held line of {}",
