@@ -29,17 +29,7 @@ async fn backup_is_consistent_and_restores_into_a_second_daemon() {
     let entries =
         (0..500).map(|index| common::stock(&format!("SKU-{index:03}"), "DC-1", 10 + index)).collect();
     inventory.set_stock(v1::SetStockRequest { entries }).await.unwrap();
-    let held = inventory
-        .reserve(v1::ReserveRequest {
-            idempotency_key: "backup-hold".into(),
-            lines: vec![common::line("SKU-001", "DC-1", 3)],
-            ttl_ms: 0,
-            reference: String::new(),
-            channel: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let held = inventory.reserve(at_dc1("backup-hold", "SKU-001", 3, 0)).await.unwrap().into_inner();
     let order = orders
         .capture_order(v1::CaptureOrderRequest {
             channel: "web".into(),
@@ -139,6 +129,17 @@ async fn backup_is_consistent_and_restores_into_a_second_daemon() {
     running.shutdown().await;
 }
 
+/// A one-line Reserve of `qty` units of `sku` at DC-1 under `key`.
+fn at_dc1(key: &str, sku: &str, qty: i64, ttl_ms: u64) -> v1::ReserveRequest {
+    v1::ReserveRequest {
+        idempotency_key: key.into(),
+        lines: vec![common::line(sku, "DC-1", qty)],
+        ttl_ms,
+        reference: String::new(),
+        channel: String::new(),
+    }
+}
+
 /// `sku` at `node_id` as GetAvailability serves it.
 async fn position_at(inventory: &mut common::InventoryClient, sku: &str, node_id: &str) -> v1::Position {
     let request = v1::GetAvailabilityRequest { skus: vec![sku.into()], ..Default::default() };
@@ -176,13 +177,7 @@ async fn consistency_check_is_clean_after_traffic_recomputes_reserved_and_names_
     inventory.set_stock(v1::SetStockRequest { entries }).await.unwrap();
     for index in 0..40 {
         let reserved = inventory
-            .reserve(v1::ReserveRequest {
-                idempotency_key: format!("check-{index}"),
-                lines: vec![common::line(&format!("SKU-{:02}", index % 50), "DC-1", 2)],
-                ttl_ms: 60_000,
-                reference: String::new(),
-                channel: String::new(),
-            })
+            .reserve(at_dc1(&format!("check-{index}"), &format!("SKU-{:02}", index % 50), 2, 60_000))
             .await
             .unwrap()
             .into_inner();
@@ -340,17 +335,7 @@ async fn consistency_check_is_clean_after_traffic_recomputes_reserved_and_names_
     // The reservation at the lost position can still be released (a replay of its Reserve
     // names it): nothing to give back there, and the drift is gone with the hold.
     let mut inventory = common::inventory_client(running.grpc_address).await;
-    let replay = inventory
-        .reserve(v1::ReserveRequest {
-            idempotency_key: "check-7".into(),
-            lines: vec![common::line("SKU-07", "DC-1", 2)],
-            ttl_ms: 60_000,
-            reference: String::new(),
-            channel: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let replay = inventory.reserve(at_dc1("check-7", "SKU-07", 2, 60_000)).await.unwrap().into_inner();
     let release = v1::ReleaseReservationRequest { reservation_id: replay.reservation_id };
     let released = inventory.release_reservation(release).await.unwrap().into_inner();
     assert_eq!(released.status, v1::reservation::Status::Released as i32, "{released:?}");
