@@ -126,7 +126,7 @@ pub struct NodeRecord {
 impl NodeRecord {
     pub fn from_node(node: &Node) -> Self {
         Self {
-            node_id: node.node_id.to_string(),
+            node_id: node.node_id.as_str().to_owned(),
             node_type: match node.node_type {
                 NodeType::Warehouse => 1,
                 NodeType::Store => 2,
@@ -272,8 +272,8 @@ impl ReservationRecord {
                 .lines
                 .iter()
                 .map(|line| LineRecord {
-                    sku: line.sku.to_string(),
-                    node_id: line.node_id.to_string(),
+                    sku: line.sku.as_str().to_owned(),
+                    node_id: line.node_id.as_str().to_owned(),
                     qty: line.qty,
                 })
                 .collect(),
@@ -364,8 +364,8 @@ pub struct PositionViewRecord {
 impl PositionViewRecord {
     pub fn from_view(view: &PositionView) -> Self {
         Self {
-            sku: view.sku.to_string(),
-            node_id: view.node_id.to_string(),
+            sku: view.sku.as_str().to_owned(),
+            node_id: view.node_id.as_str().to_owned(),
             on_hand: view.on_hand,
             reserved: view.reserved,
             safety_stock: view.safety_stock,
@@ -493,15 +493,15 @@ pub struct ChangeRecord {
 impl ChangeRecord {
     pub fn from_change(change: &AvailabilityChange) -> Self {
         Self {
-            sku: change.sku.to_string(),
-            node_id: change.node_id.to_string(),
+            sku: change.sku.as_str().to_owned(),
+            node_id: change.node_id.as_str().to_owned(),
             atp: change.atp,
             unrestricted_total: change.totals.unrestricted,
             restricted: change
                 .totals
                 .restricted
                 .iter()
-                .map(|(node_id, atp)| NodeAtpRecord { node_id: node_id.to_string(), atp: *atp })
+                .map(|(node_id, atp)| NodeAtpRecord { node_id: node_id.as_str().to_owned(), atp: *atp })
                 .collect(),
         }
     }
