@@ -34,10 +34,13 @@ impl Feed {
         self.closed.send_replace(true);
     }
 
-    /// Called by the commit thread after each durable batch. Never blocks.
+    /// Called by the apply thread after each durable batch. Never blocks.
     pub fn publish(&self, changes: Vec<AvailabilityChange>) {
-        // No receivers is fine: nobody is watching.
-        let _ = self.sender.send(Arc::from(changes));
+        // Nobody watching: no shared copy to build. A watcher that subscribes after this
+        // check would not have received a send made now either.
+        if self.sender.receiver_count() > 0 {
+            let _ = self.sender.send(Arc::from(changes));
+        }
     }
 
     pub fn watchers(&self) -> usize {

@@ -37,9 +37,11 @@ impl EventFeed {
         Self { sender, closed, watchers: AtomicUsize::new(0), watchers_max }
     }
 
-    /// Called by the commit thread after each durable batch. Never blocks.
+    /// Called by the apply thread after each durable batch. Never blocks.
     pub fn publish(&self, events: Vec<AuditEvent>) {
-        if !events.is_empty() {
+        // Nobody watching: no shared copy to build. A watcher that subscribes after this
+        // check would not have received a send made now either.
+        if !events.is_empty() && self.sender.receiver_count() > 0 {
             let _ = self.sender.send(Arc::from(events));
         }
     }
