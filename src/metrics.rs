@@ -234,11 +234,6 @@ fn describe() {
         Unit::Seconds,
         "Time to write and fsync one group commit."
     );
-    describe_histogram!(
-        "allot_commit_apply_seconds",
-        Unit::Seconds,
-        "Time to apply one journaled group commit to RocksDB's memtables (the apply thread)."
-    );
     describe_histogram!("allot_commit_batch_mutations", "Mutations per group commit.");
     describe_gauge!("allot_commit_queue_depth", "Mutations waiting for the commit thread.");
     describe_gauge!("allot_commit_queue_capacity", "Mutations the commit queue holds before shedding.");
@@ -316,7 +311,6 @@ fn register_at_zero() {
     metrics::counter!("allot_consistency_checks_total").increment(0);
     metrics::gauge!("allot_consistency_drift").set(0.0);
     let _ = metrics::histogram!("allot_commit_fsync_seconds");
-    let _ = metrics::histogram!("allot_commit_apply_seconds");
     let _ = metrics::histogram!("allot_commit_batch_mutations");
 }
 

@@ -34,7 +34,7 @@ impl Feed {
         self.closed.send_replace(true);
     }
 
-    /// Called by the apply thread after each durable batch. Never blocks.
+    /// Called by the commit thread after each durable batch. Never blocks.
     pub fn publish(&self, changes: Vec<AvailabilityChange>) {
         // Nobody watching: no shared copy to build. A watcher that subscribes after this
         // check would not have received a send made now either.

@@ -37,7 +37,7 @@ impl EventFeed {
         Self { sender, closed, watchers: AtomicUsize::new(0), watchers_max }
     }
 
-    /// Called by the apply thread after each durable batch. Never blocks.
+    /// Called by the commit thread after each durable batch. Never blocks.
     pub fn publish(&self, events: Vec<AuditEvent>) {
         // Nobody watching: no shared copy to build. A watcher that subscribes after this
         // check would not have received a send made now either.

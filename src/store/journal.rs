@@ -430,19 +430,18 @@ impl Journal {
 /// The journal thread's handle on the spare segments.
 pub struct JournalSpares(Arc<Shared>);
 
-/// The journal thread: flushes RocksDB for each full segment (`flush_all(last_seq)` must wait
-/// until record `last_seq` is applied, flush every column family together and return once it
-/// is on disk), then keeps the segment as a spare;
+/// The journal thread: flushes RocksDB for each full segment (`flush_all` must flush every
+/// column family together and return once it is on disk), then keeps the segment as a spare;
 /// prepares zeroed spares on request. Ends when the journal is dropped.
 pub fn run_journal_thread(
     spares: &JournalSpares,
     requests: &Receiver<Request>,
-    mut flush_all: impl FnMut(u64) -> Result<(), StoreError>,
+    mut flush_all: impl FnMut() -> Result<(), StoreError>,
 ) {
     let shared = &spares.0;
     while let Ok(request) = requests.recv() {
         match request {
-            Request::Retire { segment: SealedSegment(segment), last_seq } => match flush_all(last_seq) {
+            Request::Retire { segment: SealedSegment(segment), last_seq } => match flush_all() {
                 Ok(()) => shared.retire(segment),
                 // The segment stays on disk (not reused): its records are replayed at the
                 // next start-up if the flush never happens.
@@ -584,7 +583,7 @@ mod tests {
         let flushed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let counter = flushed.clone();
         let thread = std::thread::spawn(move || {
-            run_journal_thread(&spares, &requests, |_last_seq| {
+            run_journal_thread(&spares, &requests, || {
                 counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 Ok(())
             })

@@ -1,13 +1,10 @@
 //! The group-commit thread. Writers hand it `Mutation`s through a bounded crossbeam channel
 //! while they still hold their shard locks (so log order = apply order for every key); the
 //! thread builds everything queued into one `WriteBatch`, gives availability changes their
-//! sequence numbers, appends the batch to the journal and fsyncs it (`journal`), and hands it
-//! to the apply thread, which applies it to RocksDB (whose own WAL is off) and only then
-//! acknowledges the waiters and publishes the changes. The two threads form a pipeline: while
-//! one batch goes into RocksDB's memtables (a third of what the commit thread used to spend on
-//! the CPU), the next is already being written and fsynced, so a waiter's group commit comes
-//! round sooner. Batches are applied in journal order, one at a time. A failed write or fsync
-//! stops the process: memory must never run ahead of disk for an acknowledged change.
+//! sequence numbers, appends the batch to the journal and fsyncs it (`journal`), applies it to
+//! RocksDB (whose own WAL is off), and only then acknowledges the waiters and publishes the
+//! changes. A failed write or fsync stops the process: memory must never run ahead of disk for
+//! an acknowledged change.
 //!
 //! Load shedding happens before any state changes: a writer first takes a `Slot` (a place in
 //! the queue); without one it answers RESOURCE_EXHAUSTED, with one its later send cannot block.
@@ -199,37 +196,16 @@ pub fn start(
     let mut journal = store.take_journal().expect("the commit thread starts once per store");
     let requests = journal.attach();
     let spares = journal.spares();
-    // The journal record the apply thread has put into RocksDB last: a full segment is flushed
-    // (and then reused) only once every record in it is applied.
-    let applied_seq = Arc::new(AtomicU64::new(journal.next_seq().saturating_sub(1)));
     let flushing_store = store.clone();
-    let flushing_applied = applied_seq.clone();
     let journal_thread = std::thread::Builder::new()
         .name("allot-journal".into())
-        .spawn(move || {
-            journal::run_journal_thread(&spares, &requests, |last_seq| {
-                wait_applied(&flushing_applied, last_seq)?;
-                flushing_store.flush()
-            })
-        })
+        .spawn(move || journal::run_journal_thread(&spares, &requests, || flushing_store.flush()))
         .expect("spawning the journal thread");
-    let (to_apply, applying) = crossbeam_channel::bounded::<Journaled>(APPLY_QUEUE_LEN);
-    let apply_store = store.clone();
-    let apply_thread = std::thread::Builder::new()
-        .name("allot-apply".into())
-        .spawn(move || {
-            let durable =
-                Durable { changes: &last_sequence, events: &last_event_sequence, journal: &applied_seq };
-            apply_loop(&apply_store, &applying, &durable, &mut publisher);
-        })
-        .expect("spawning the apply thread");
     let thread = std::thread::Builder::new()
         .name("allot-commit".into())
         .spawn(move || {
-            commit_loop(&store, &options, &mut journal, &receiver, &queued, &to_apply);
-            // The apply thread ends once it has applied and acknowledged everything sent.
-            drop(to_apply);
-            let _ = apply_thread.join();
+            let sequences = Sequences { changes: &last_sequence, events: &last_event_sequence };
+            commit_loop(&store, &options, &mut journal, &receiver, &queued, &sequences, &mut publisher);
             // Closing the journal ends the journal thread once its flushes are done.
             drop(journal);
             let _ = journal_thread.join();
@@ -238,91 +214,10 @@ pub fn start(
     (handle, thread)
 }
 
-/// Journaled batches waiting for the apply thread at most: the commit thread waits beyond it,
-/// so a slow RocksDB holds back the fsyncs instead of queueing batches without bound.
-const APPLY_QUEUE_LEN: usize = 4;
-
-/// How long the journal thread waits for a full segment's records to be applied before it
-/// gives up on reusing that segment (it then stays on disk and is replayed at start-up).
-const APPLIED_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(30);
-
-/// Returns once the apply thread has put journal record `last_seq` into RocksDB.
-fn wait_applied(applied_seq: &AtomicU64, last_seq: u64) -> Result<(), super::StoreError> {
-    let started = Instant::now();
-    while applied_seq.load(Ordering::Acquire) < last_seq {
-        if started.elapsed() > APPLIED_WAIT_MAX {
-            return Err(super::StoreError::Io {
-                path: "journal".into(),
-                source: std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    format!("record {last_seq} was not applied to the store in time; its segment is kept"),
-                ),
-            });
-        }
-        std::thread::sleep(std::time::Duration::from_micros(200));
-    }
-    Ok(())
-}
-
-/// What the apply thread makes known once a batch is in RocksDB, shared with the writers'
-/// handles (the sequences) and the journal thread (the journal record).
-struct Durable<'a> {
+/// The last durable sequence numbers, shared with the writers' handles.
+struct Sequences<'a> {
     changes: &'a AtomicU64,
     events: &'a AtomicU64,
-    journal: &'a AtomicU64,
-}
-
-/// A group commit that is in the journal (fsync'd), on its way into RocksDB.
-struct Journaled {
-    /// The batch in `WriteBatch` format, as journaled.
-    data: Vec<u8>,
-    /// Its journal record.
-    journal_seq: u64,
-    /// The last change and event sequence numbers it holds (or held before it).
-    sequence: u64,
-    audit_sequence: u64,
-    /// Its mutations: acknowledged once applied, and freed by the apply thread.
-    mutations: Vec<Mutation>,
-    published: Vec<AvailabilityChange>,
-    events: Vec<AuditEvent>,
-    /// The last batch: the apply thread exits after it.
-    stopping: bool,
-}
-
-/// The apply thread: each journaled batch into RocksDB, in order; then the sequences, the
-/// acknowledgements and the feeds.
-fn apply_loop(
-    store: &Store,
-    applying: &Receiver<Journaled>,
-    durable: &Durable<'_>,
-    publisher: &mut Publisher,
-) {
-    // The journal has the batch (fsync'd) before RocksDB gets it: RocksDB's WAL is off.
-    let mut write_options = WriteOptions::default();
-    write_options.disable_wal(true);
-    while let Ok(batch) = applying.recv() {
-        let started = Instant::now();
-        if let Err(error) = store.db().write_opt(WriteBatch::from_data(&batch.data), &write_options) {
-            fatal(&format!("the store failed to apply a journaled batch: {error}"));
-        }
-        metrics::histogram!("allot_commit_apply_seconds").record(started.elapsed().as_secs_f64());
-        durable.journal.store(batch.journal_seq, Ordering::Release);
-        durable.changes.store(batch.sequence, Ordering::Release);
-        durable.events.store(batch.audit_sequence, Ordering::Release);
-        for mutation in batch.mutations {
-            if let Some(ack) = mutation.ack {
-                // The waiter may have gone (client cancelled): the change is durable anyway.
-                let _ = ack.send(());
-            }
-        }
-        if !batch.published.is_empty() || !batch.events.is_empty() {
-            publisher(batch.published, batch.events);
-        }
-        if batch.stopping {
-            tracing::info!(last_sequence = batch.sequence, "commit thread stopped");
-            return;
-        }
-    }
 }
 
 fn commit_loop(
@@ -331,9 +226,15 @@ fn commit_loop(
     journal: &mut Journal,
     receiver: &Receiver<Mutation>,
     queued: &AtomicUsize,
-    to_apply: &Sender<Journaled>,
+    sequences: &Sequences<'_>,
+    publisher: &mut Publisher,
 ) {
-    let mut sequence = store.recovered_last_sequence();
+    let last_sequence = sequences.changes;
+    let last_event_sequence = sequences.events;
+    // The journal has the batch (fsync'd) before RocksDB gets it: RocksDB's WAL is off.
+    let mut write_options = WriteOptions::default();
+    write_options.disable_wal(true);
+    let mut sequence = last_sequence.load(Ordering::Acquire);
     let mut audit_sequence = store.recovered_last_audit_sequence();
     let mut trimmed_below = store.recovered_first_sequence();
     let mut events_trimmed_below = store.first_event_sequence();
@@ -425,33 +326,33 @@ fn commit_loop(
         // and a batch appended but whose fsync failed. Both stop the daemon unacknowledged,
         // exactly like a real failure.
         fail::fail_point!("commit-before-write", |_| fatal("injected: appending a batch failed"));
-        let journal_seq = match journal.append(&data) {
-            Ok(journal_seq) => journal_seq,
-            Err(error) => fatal(&format!("the journal failed to append a batch: {error}")),
-        };
+        if let Err(error) = journal.append(&data) {
+            fatal(&format!("the journal failed to append a batch: {error}"));
+        }
         if options.durability == Durability::Fsync
             && let Err(error) = journal.sync()
         {
             fatal(&format!("the journal failed to fsync a batch: {error}"));
         }
         fail::fail_point!("commit-after-write", |_| fatal("injected: the fsync of an appended batch failed"));
+        if let Err(error) = store.db().write_opt(WriteBatch::from_data(&data), &write_options) {
+            fatal(&format!("the store failed to apply a journaled batch: {error}"));
+        }
         metrics::histogram!("allot_commit_fsync_seconds").record(started.elapsed().as_secs_f64());
         metrics::histogram!("allot_commit_batch_mutations").record(batch.len() as f64);
-        let journaled = Journaled {
-            data,
-            journal_seq,
-            sequence,
-            audit_sequence,
-            mutations: std::mem::replace(&mut batch, Vec::with_capacity(options.batch_len_max)),
-            published,
-            events,
-            stopping,
-        };
-        if to_apply.send(journaled).is_err() {
-            // The apply thread exits only after the last batch, or by stopping the process.
-            fatal("the apply thread stopped");
+        last_sequence.store(sequence, Ordering::Release);
+        last_event_sequence.store(audit_sequence, Ordering::Release);
+        for mutation in batch.drain(..) {
+            if let Some(ack) = mutation.ack {
+                // The waiter may have gone (client cancelled): the change is durable anyway.
+                let _ = ack.send(());
+            }
+        }
+        if !published.is_empty() || !events.is_empty() {
+            publisher(published, events);
         }
         if stopping {
+            tracing::info!(last_sequence = sequence, "commit thread stopped");
             return;
         }
     }
@@ -462,29 +363,4 @@ pub fn fatal(message: &str) -> ! {
     tracing::error!("FATAL: {message}; stopping without acknowledging pending requests");
     eprintln!("allotd: FATAL: {message}");
     std::process::exit(70)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_full_segment_waits_for_its_last_record_to_be_applied() {
-        // The journal thread flushes a full segment only once the apply thread has put its
-        // last record into RocksDB; without the wait the flush could miss records that the
-        // reused segment no longer holds.
-        let applied = Arc::new(AtomicU64::new(6));
-        let applier = applied.clone();
-        let apply = std::thread::spawn(move || {
-            for seq in 7..=9 {
-                std::thread::sleep(std::time::Duration::from_millis(20));
-                applier.store(seq, Ordering::Release);
-            }
-        });
-        wait_applied(&applied, 9).expect("applied in time");
-        assert_eq!(applied.load(Ordering::Acquire), 9, "returned before record 9 was applied");
-        apply.join().unwrap();
-        // Already applied: no wait at all.
-        wait_applied(&applied, 3).expect("applied long ago");
-    }
 }
