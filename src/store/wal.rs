@@ -194,6 +194,9 @@ pub fn start(
         disk_guard: options.disk_guard.clone(),
     };
     let mut journal = store.take_journal().expect("the commit thread starts once per store");
+    // Each commit's write is then durable when it returns: no fdatasync, no page cache.
+    let write_through = options.durability == Durability::Fsync && journal.write_through();
+    tracing::debug!(write_through, "journal appends");
     let requests = journal.attach();
     let spares = journal.spares();
     let flushing_store = store.clone();
