@@ -232,7 +232,12 @@ fn describe() {
     describe_histogram!(
         "allot_commit_fsync_seconds",
         Unit::Seconds,
-        "Time to write and fsync one group commit."
+        "Time to write one group commit to the journal and make it durable (fsync or write-through)."
+    );
+    describe_histogram!(
+        "allot_commit_apply_seconds",
+        Unit::Seconds,
+        "Time to apply one durable group commit to RocksDB (memtables; a write stall shows here)."
     );
     describe_histogram!("allot_commit_batch_mutations", "Mutations per group commit.");
     describe_gauge!("allot_commit_queue_depth", "Mutations waiting for the commit thread.");
@@ -311,6 +316,7 @@ fn register_at_zero() {
     metrics::counter!("allot_consistency_checks_total").increment(0);
     metrics::gauge!("allot_consistency_drift").set(0.0);
     let _ = metrics::histogram!("allot_commit_fsync_seconds");
+    let _ = metrics::histogram!("allot_commit_apply_seconds");
     let _ = metrics::histogram!("allot_commit_batch_mutations");
 }
 

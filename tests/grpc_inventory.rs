@@ -1852,7 +1852,11 @@ async fn metrics_endpoint() {
         .parse()
         .unwrap();
     assert!(value >= 2.0, "Reserve OK counted {value} times");
-    for name in ["allot_commit_fsync_seconds_bucket", "allot_reserve_outcomes_total"] {
+    for name in [
+        "allot_commit_fsync_seconds_bucket",
+        "allot_commit_apply_seconds_bucket",
+        "allot_reserve_outcomes_total",
+    ] {
         assert!(response.contains(name), "{name} is missing from:\n{response}");
     }
     assert!(response.contains("outcome=\"insufficient\""), "the INSUFFICIENT outcome is counted");
