@@ -96,6 +96,13 @@ pub struct RecoveredOrders {
     pub next_return_id: u64,
 }
 
+/// RocksDB hands the disk its flush and compaction output every this many bytes
+/// (`sync_file_range`) instead of all of an SST file at its closing fsync. A burst of tens of
+/// MB queued at once made the journal's write-through of the next group commit wait behind it:
+/// under ReserveBatch 100 x 4, commits over 10 ms fell from 8-10 to 0-2 per 9 s run and the
+/// call p99 from 14.0-16.0 to 12.1-13.0 ms (three interleaved pairs).
+const BYTES_PER_SYNC: u64 = 1024 * 1024;
+
 impl Store {
     /// Opens (or creates) the store and reads back the whole state.
     pub fn open(path: &Path, options: &StoreOptions) -> Result<(Store, Recovered), StoreError> {
@@ -107,6 +114,7 @@ impl Store {
         db_options.set_compression_type(DBCompressionType::Lz4);
         db_options.set_write_buffer_size(options.write_buffer_bytes);
         db_options.set_max_background_jobs(2);
+        db_options.set_bytes_per_sync(BYTES_PER_SYNC);
         db_options.set_keep_log_file_num(4);
         // Bounds what a restart after kill -9 replays: past this much write-ahead log, RocksDB
         // flushes the memtables holding its oldest part (the default, four times every
