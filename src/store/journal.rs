@@ -22,10 +22,10 @@
 //! - **Write-through.** Under `durability = "fsync"` the commit thread writes the current
 //!   segment through a second descriptor opened with `O_DIRECT | O_DSYNC`: a write returns once
 //!   its blocks are on the disk, so there is no separate fdatasync, no page-cache copy and no
-//!   writeback (on this project's virtio disk: 15–50% less kernel time per commit). Such a
-//!   write covers whole 4 KiB blocks: it starts at the block holding the end of the previous
-//!   record (rewriting that record's bytes unchanged) and pads the last block with zeros. A
-//!   file system that refuses `O_DIRECT` gets the plain write and fdatasync instead.
+//!   writeback (the README's Performance section has what that saved). Such a write covers
+//!   whole 4 KiB blocks: it starts at the block holding the end of the previous record
+//!   (rewriting that record's bytes unchanged) and pads the last block with zeros. A file
+//!   system that refuses `O_DIRECT` gets the plain write and fdatasync instead.
 //! - **Reuse.** When the current segment is full, the commit thread moves to a spare and the
 //!   journal thread flushes RocksDB; once the flush is done, the full segment's records are
 //!   all applied on disk and the segment becomes a spare. Stale records in a reused segment
