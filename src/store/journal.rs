@@ -693,17 +693,27 @@ mod tests {
 
     #[test]
     fn a_reused_segment_replays_only_its_new_records() {
-        let dir = tempfile::tempdir().unwrap();
-        let old: Vec<Vec<u8>> = (1..=3).map(|n| payload(n, 100_000)).collect();
-        drop(write(dir.path(), 0, SEGMENT_BYTES_MIN, &old));
-        // All three applied; the segment is reused from its start for shorter records.
-        let new: Vec<Vec<u8>> = (4..=5).map(|n| payload(n, 10)).collect();
-        let journal = write(dir.path(), 3, SEGMENT_BYTES_MIN, &new);
-        assert_eq!(journal.next_seq(), 6);
-        drop(journal);
-        let found = replayed(dir.path(), 3);
-        assert_eq!(found.iter().map(|(seq, _)| *seq).collect::<Vec<_>>(), vec![4, 5]);
-        assert_eq!(found[1].1, new[1]);
+        for written_through in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let old: Vec<Vec<u8>> = (1..=3).map(|n| payload(n, 100_000)).collect();
+            drop(write(dir.path(), 0, SEGMENT_BYTES_MIN, &old));
+            // All three applied; the segment is reused from its start for shorter records
+            // (written through: the zero padding after them ends the segment's run too).
+            let new: Vec<Vec<u8>> = (4..=5).map(|n| payload(n, 10)).collect();
+            if written_through {
+                append_through(open(dir.path(), 3).unwrap().start(3, SEGMENT_BYTES_MIN).unwrap(), &new);
+            } else {
+                let journal = write(dir.path(), 3, SEGMENT_BYTES_MIN, &new);
+                assert_eq!(journal.next_seq(), 6);
+            }
+            let found = replayed(dir.path(), 3);
+            assert_eq!(
+                found.iter().map(|(seq, _)| *seq).collect::<Vec<_>>(),
+                vec![4, 5],
+                "{written_through}"
+            );
+            assert_eq!(found[1].1, new[1]);
+        }
     }
 
     #[test]
@@ -755,6 +765,15 @@ mod tests {
             .collect()
     }
 
+    /// Switches write-through on and appends `payloads`, with no sync after: each append is
+    /// on the disk when it returns.
+    fn append_through(mut journal: Journal, payloads: &[Vec<u8>]) {
+        assert!(journal.write_through(), "the test's file system takes O_DIRECT");
+        for payload in payloads {
+            journal.append(payload).unwrap();
+        }
+    }
+
     fn assert_replays(dir: &Path, payloads: &[Vec<u8>]) {
         let found = replayed(dir, 0);
         assert_eq!(
@@ -770,13 +789,8 @@ mod tests {
     fn written_through_records_replay_across_blocks_and_segments_without_a_sync() {
         let dir = tempfile::tempdir().unwrap();
         let payloads = mixed_payloads();
-        let mut journal = open(dir.path(), 0).unwrap().start(0, SEGMENT_BYTES_MIN).unwrap();
-        assert!(journal.write_through(), "the test's file system takes O_DIRECT");
-        for payload in &payloads {
-            journal.append(payload).unwrap();
-        }
-        // No sync: each append was on the disk when it returned.
-        drop(journal);
+        let journal = open(dir.path(), 0).unwrap().start(0, SEGMENT_BYTES_MIN).unwrap();
+        append_through(journal, &payloads);
         assert_replays(dir.path(), &payloads);
     }
 
@@ -786,29 +800,8 @@ mod tests {
         // Three plain records end inside a block: the first direct write rewrites that block
         // from its start, so it must carry their bytes unchanged (read back from the file).
         let payloads: Vec<Vec<u8>> = (1..=6).map(|n| payload(n, 1_000 * n as usize)).collect();
-        let mut journal = write(dir.path(), 0, SEGMENT_BYTES_MIN, &payloads[..3]);
-        assert!(journal.write_through());
-        for payload in &payloads[3..] {
-            journal.append(payload).unwrap();
-        }
-        drop(journal);
+        let journal = write(dir.path(), 0, SEGMENT_BYTES_MIN, &payloads[..3]);
+        append_through(journal, &payloads[3..]);
         assert_replays(dir.path(), &payloads);
-    }
-
-    #[test]
-    fn a_reused_segment_written_through_replays_only_its_new_records() {
-        let dir = tempfile::tempdir().unwrap();
-        let old: Vec<Vec<u8>> = (1..=3).map(|n| payload(n, 100_000)).collect();
-        drop(write(dir.path(), 0, SEGMENT_BYTES_MIN, &old));
-        let mut journal = open(dir.path(), 3).unwrap().start(3, SEGMENT_BYTES_MIN).unwrap();
-        assert!(journal.write_through());
-        let new: Vec<Vec<u8>> = (4..=5).map(|n| payload(n, 10)).collect();
-        for payload in &new {
-            journal.append(payload).unwrap();
-        }
-        drop(journal);
-        let found = replayed(dir.path(), 3);
-        assert_eq!(found.iter().map(|(seq, _)| *seq).collect::<Vec<_>>(), vec![4, 5]);
-        assert_eq!(found[1].1, new[1]);
     }
 }
