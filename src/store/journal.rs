@@ -418,9 +418,8 @@ impl Journal {
             self.switch(need)?;
         }
         let seq = self.next_seq;
-        if self.write_through.is_some() {
-            self.append_through(seq, payload)?;
-        } else {
+        let written_through = self.write_through.is_some() && self.append_through(seq, payload)?;
+        if !written_through {
             self.buffer.clear();
             self.buffer.extend_from_slice(&header(len, seq, payload));
             self.buffer.extend_from_slice(payload);
@@ -443,9 +442,10 @@ impl Journal {
 
     /// Writes record `seq` at `self.offset` through `O_DIRECT | O_DSYNC`: the blocks from the
     /// one holding `self.offset` to the record's end, the record's predecessor bytes in the
-    /// first block unchanged and zeros after its end. Durable when this returns. Falls back to
-    /// the plain write (and `sync`) for good if the file system refuses the direct write.
-    fn append_through(&mut self, seq: u64, payload: &[u8]) -> Result<(), StoreError> {
+    /// first block unchanged and zeros after its end; true: durable now. False: the file
+    /// system refused the direct write, nothing was written, and write-through is off for
+    /// good (the caller writes the record through the page cache, and `sync` fsyncs it).
+    fn append_through(&mut self, seq: u64, payload: &[u8]) -> Result<bool, StoreError> {
         let Some(through) = self.write_through.as_mut() else {
             unreachable!("append_through is only called with write-through on")
         };
@@ -477,20 +477,14 @@ impl Journal {
         match through.file.write_all_at(bytes, start) {
             Ok(()) => {
                 through.tail = (!end.is_multiple_of(BLOCK)).then_some(blocks_len - 1);
-                Ok(())
+                Ok(true)
             }
             // EINVAL: the file system (or this buffer's alignment) does not suit O_DIRECT.
             // Nothing was written; from now on the plain write and fdatasync.
             Err(error) if error.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) => {
                 tracing::info!(%error, "the journal's direct writes were refused; writing through the page cache");
                 self.write_through = None;
-                let mut record = header(len, seq, payload).to_vec();
-                record.extend_from_slice(payload);
-                self.current
-                    .file
-                    .write_all_at(&record, self.offset)
-                    .map_err(|error| io_error(&self.current.path, error))?;
-                self.sync()
+                Ok(false)
             }
             Err(error) => Err(io_error(&self.current.path, error)),
         }
