@@ -4,8 +4,9 @@
 //!   before anything changes, reads go on, and writes resume when the ballast goes. Without
 //!   it, the write that hits ENOSPC stops the daemon (exit 70) and nothing it did not
 //!   acknowledge is claimed; everything it acknowledged is there after a restart.
-//! - failed appends and fsyncs injected between append, fsync and acknowledgement (fail
-//!   points, `--features failpoints`, which the README's test command enables);
+//! - failed appends and fsyncs injected between append, fsync and acknowledgement, and a file
+//!   system that refuses the journal's direct writes (fail points, `--features failpoints`,
+//!   which the README's test command enables);
 //! - a corrupt record, in a value (our CRC) and in an SST block (RocksDB's checksum): start-up
 //!   refuses and names where.
 //!
@@ -369,6 +370,67 @@ async fn a_failed_fsync_after_the_append_is_resolved_by_replaying_the_key() {
     assert_eq!(replay.status, v1::reserve_response::Status::Reserved as i32);
     assert_eq!(stock_of(&mut client).await, (10, 4), "the replay reserved twice");
     daemon.terminate();
+}
+
+/// The open flags of each of `pid`'s descriptors on a journal segment (`/proc/PID/fdinfo`).
+#[cfg(feature = "failpoints")]
+fn journal_descriptor_flags(pid: u32) -> Vec<u32> {
+    let mut flags = Vec::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap() {
+        let entry = entry.unwrap();
+        let Ok(target) = std::fs::read_link(entry.path()) else { continue };
+        if !target.to_string_lossy().ends_with(".jnl") {
+            continue;
+        }
+        let fdinfo = format!("/proc/{pid}/fdinfo/{}", entry.file_name().to_string_lossy());
+        let Ok(info) = std::fs::read_to_string(fdinfo) else { continue };
+        let octal =
+            info.lines().find_map(|line| line.strip_prefix("flags:")).expect("fdinfo names the flags");
+        flags.push(u32::from_str_radix(octal.trim(), 8).unwrap());
+    }
+    flags
+}
+
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_system_that_refuses_direct_writes_gets_page_cache_writes_and_fsync() {
+    // Goal: where O_DIRECT is refused (at the open, or at a direct write after some went
+    // through), the journal falls back to page-cache writes made durable by fdatasync: the
+    // daemon says so, keeps no direct descriptor, and every acknowledged reservation, written
+    // either way, is there after kill -9. Method: fail points that return EINVAL; 60
+    // reservations; kill -9; restart without fail points.
+    const O_DIRECT: u32 = 0o40000;
+    for (fail_point, says) in [
+        ("journal-direct-open=return", "cannot write with O_DIRECT here"),
+        // The first direct writes are set-up's (nodes, stock); the fifth is a reservation's.
+        ("journal-direct-write=4*off->return", "direct writes were refused"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let daemon = Daemon::start_with_env(dir.path(), "", &[("FAILPOINTS", fail_point)]);
+        let mut client = inventory_client(daemon.grpc_address).await;
+        set_up(&mut client, 100).await;
+        let mut acknowledged = BTreeMap::new();
+        for index in 0..60 {
+            let response =
+                client.reserve(reserve_request(&format!("k{index}"), 1)).await.unwrap().into_inner();
+            assert_eq!(response.status, v1::reserve_response::Status::Reserved as i32, "{fail_point}");
+            acknowledged.insert(response.reservation_id, 1);
+        }
+        assert!(daemon.log().contains(says), "{fail_point}: {}", daemon.log());
+        let flags = journal_descriptor_flags(daemon.pid());
+        assert!(!flags.is_empty(), "{fail_point}: no journal segment open");
+        assert!(flags.iter().all(|flags| flags & O_DIRECT == 0), "{fail_point}: {flags:?}");
+        daemon.kill9();
+
+        let daemon = Daemon::start(dir.path());
+        let mut client = inventory_client(daemon.grpc_address).await;
+        assert_present(&mut client, &acknowledged).await;
+        assert_eq!(stock_of(&mut client).await, (100, 60), "{fail_point}");
+        // The next start-up writes through again (no fail points): a direct descriptor.
+        let flags = journal_descriptor_flags(daemon.pid());
+        assert!(flags.iter().any(|flags| flags & O_DIRECT != 0), "{flags:?}");
+        daemon.terminate();
+    }
 }
 
 /// A data directory with one node, one position and one reservation, cleanly shut down.

@@ -84,8 +84,18 @@ struct WriteThrough {
 impl WriteThrough {
     fn open(path: &Path) -> std::io::Result<File> {
         use std::os::unix::fs::OpenOptionsExt;
+        // Fault injection (the `failpoints` feature only): a file system that refuses O_DIRECT.
+        fail::fail_point!("journal-direct-open", |_| Err(std::io::Error::from_raw_os_error(libc::EINVAL)));
         // O_DSYNC, not O_SYNC: the data and what is needed to read it back, not the timestamps.
         File::options().write(true).custom_flags(libc::O_DIRECT | libc::O_DSYNC).open(path)
+    }
+
+    /// One direct write of whole blocks at `offset` to `file` (the write-through descriptor).
+    fn write(file: &File, blocks: &[u8], offset: u64) -> std::io::Result<()> {
+        // Fault injection (the `failpoints` feature only): a direct write refused after the
+        // open succeeded, as a file system may do for one of them.
+        fail::fail_point!("journal-direct-write", |_| Err(std::io::Error::from_raw_os_error(libc::EINVAL)));
+        file.write_all_at(blocks, offset)
     }
 }
 
@@ -474,7 +484,7 @@ impl Journal {
         bytes[head..head + HEADER_BYTES].copy_from_slice(&header(len, seq, payload));
         bytes[head + HEADER_BYTES..end].copy_from_slice(payload);
         bytes[end..].fill(0);
-        match through.file.write_all_at(bytes, start) {
+        match WriteThrough::write(&through.file, bytes, start) {
             Ok(()) => {
                 through.tail = (!end.is_multiple_of(BLOCK)).then_some(blocks_len - 1);
                 Ok(true)
