@@ -761,6 +761,32 @@ mod tests {
         assert_eq!(replayed(dir.path(), 35).len(), 5);
     }
 
+    #[test]
+    fn a_zeroed_segment_is_written_zeros_to_its_end() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let shared = Shared {
+            dir: dir.path().to_path_buf(),
+            segment_bytes: SEGMENT_BYTES_MIN,
+            spares: Mutex::new(Vec::new()),
+            next_number: Mutex::new(1),
+        };
+        // Not a whole number of zero-fill steps: the last, shorter step is written too.
+        let len = 3 * SEGMENT_BYTES_MIN + ZERO_FILL_CHUNK as u64 / 2;
+        let segment = shared.create(len, true).unwrap();
+        let metadata = segment.file.metadata().unwrap();
+        assert_eq!(metadata.len(), len);
+        // Written blocks to the end, not a hole nor allocated-but-unwritten extents (which
+        // SEEK_DATA reports as holes until something reads them into the page cache, so this
+        // comes before the read below): the last byte is data.
+        assert!(metadata.blocks() * 512 >= len, "{} blocks", metadata.blocks());
+        let last = rustix::fs::seek(&segment.file, rustix::fs::SeekFrom::Data(len - 1)).unwrap();
+        assert_eq!(last, len - 1);
+        let mut bytes = Vec::new();
+        File::open(&segment.path).unwrap().read_to_end(&mut bytes).unwrap();
+        assert!(bytes.iter().all(|byte| *byte == 0));
+    }
+
     /// A record ending exactly on a block boundary, records starting and ending inside one
     /// block, and records across many blocks and 1 MiB segments.
     fn mixed_payloads() -> Vec<Vec<u8>> {
