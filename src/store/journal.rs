@@ -493,7 +493,7 @@ impl Journal {
             }
             // EINVAL: the file system (or this buffer's alignment) does not suit O_DIRECT.
             // Nothing was written; from now on the plain write and fdatasync.
-            Err(error) if error.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) => {
+            Err(error) if error.raw_os_error() == Some(libc::EINVAL) => {
                 tracing::info!(%error, "the journal's direct writes were refused; writing through the page cache");
                 self.write_through = None;
                 Ok(false)
@@ -543,15 +543,9 @@ impl Journal {
         let full = std::mem::replace(&mut self.current, next);
         self.offset = 0;
         self.prepare_requested = false;
-        if let Some(through) = self.write_through.as_mut() {
-            through.tail = None;
-            match WriteThrough::open(&self.current.path) {
-                Ok(file) => through.file = file,
-                Err(error) => {
-                    tracing::info!(%error, "the journal cannot write with O_DIRECT here; using fdatasync");
-                    self.write_through = None;
-                }
-            }
+        if self.write_through.take().is_some() {
+            // The new segment gets a direct descriptor of its own (and no tail block yet).
+            self.write_through();
         }
         let last_seq = self.next_seq - 1;
         // Without a journal thread (tests; or it is gone at shutdown) the full segment is only
