@@ -9,6 +9,7 @@
 //! arithmetic), `scenarios` (what a request sends), `drivers` (closed and open loop),
 //! `recorder` (histograms and counts), `report` (text and JSON), `setup` (the data set).
 
+mod cpu;
 mod drivers;
 mod flags;
 mod keys;
@@ -76,6 +77,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         key_prefix: format!("load-{}-{run_id}", flags.seed),
         timeout: Duration::from_millis(flags.timeout_ms),
     });
+    let mut client_cpu = None;
     let measured = if flags.duration_secs == 0 {
         // Setup only (or nothing): no warmup either.
         Measured { recorded: Recorded::new(), elapsed: Duration::ZERO, open_loop: None }
@@ -86,7 +88,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             Duration::from_secs(flags.duration_secs),
             flags.requests_max,
         );
-        match flags.rate {
+        let cpu_window = cpu::CpuWindow::start_at(window.measure_start);
+        let measured = match flags.rate {
             None => {
                 drivers::closed_loop::run(workload, &channels, flags.concurrency, flags.seed, window).await?
             }
@@ -99,9 +102,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 };
                 drivers::open_loop::run(workload, &channels, settings, window).await
             }
-        }
+        };
+        // The drivers return once the last recorded answer is in: the same window as `elapsed`.
+        client_cpu = cpu_window.finish();
+        measured
     };
-    let report = Report::new(&flags, &mix, run_id, &measured);
+    let report = Report::new(&flags, &mix, run_id, &measured, client_cpu);
     // An error, not a panic, when stdout is gone (e.g. piped into `head`).
     let mut stdout = std::io::stdout().lock();
     writeln!(stdout, "{}", if flags.json { report.json() } else { report.text() })?;

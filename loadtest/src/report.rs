@@ -124,6 +124,10 @@ pub struct Report {
     pub operations: BTreeMap<&'static str, OperationReport>,
     pub open_loop: Option<OpenLoopReport>,
     pub reserve_batch: Option<BatchReport>,
+    /// The generator's own CPU time (user + system, all threads) in the recorded window.
+    pub client_cpu_seconds: Option<f64>,
+    /// `client_cpu_seconds` per recorded request, in µs.
+    pub client_cpu_us_per_request: Option<f64>,
 }
 
 fn round3(value: f64) -> f64 {
@@ -136,7 +140,13 @@ fn per_second(count: u64, seconds: f64) -> f64 {
 }
 
 impl Report {
-    pub fn new(flags: &Flags, mix: &Mix, run_id: u64, measured: &Measured) -> Self {
+    pub fn new(
+        flags: &Flags,
+        mix: &Mix,
+        run_id: u64,
+        measured: &Measured,
+        client_cpu: Option<std::time::Duration>,
+    ) -> Self {
         let recorded: &Recorded = &measured.recorded;
         let seconds = measured.elapsed.as_secs_f64();
         let requests = recorded.latency.len();
@@ -218,6 +228,10 @@ impl Report {
             operations,
             open_loop,
             reserve_batch,
+            client_cpu_seconds: client_cpu.map(|cpu| round3(cpu.as_secs_f64())),
+            client_cpu_us_per_request: client_cpu
+                .filter(|_| requests > 0)
+                .map(|cpu| round3(cpu.as_secs_f64() * 1e6 / requests as f64)),
         }
     }
 
@@ -267,6 +281,12 @@ impl Report {
             .push(format!("failed requests: {}; RPC errors by code: {:?}", self.errors, self.errors_by_code));
         if !self.outcomes.is_empty() {
             lines.push(format!("business outcomes: {:?}", self.outcomes));
+        }
+        if let (Some(seconds), Some(per_request)) = (self.client_cpu_seconds, self.client_cpu_us_per_request)
+        {
+            lines.push(format!(
+                "generator CPU: {seconds:.3} s in the window, {per_request:.1} µs per request"
+            ));
         }
         if let Some(open) = &self.open_loop {
             lines.push(format!(

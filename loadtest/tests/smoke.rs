@@ -60,6 +60,9 @@ async fn every_mode_and_main_scenario_runs_without_errors() {
         let report = tokio::task::block_in_place(|| run(address, &args));
         assert_eq!(report["errors"], 0, "{args:?}: {report}");
         assert!(report["requests"].as_u64().unwrap_or(0) > 0, "{args:?}: nothing was sent: {report}");
+        // The generator's own CPU in the window: a second of sending costs some.
+        assert!(report["client_cpu_seconds"].as_f64().unwrap_or(0.0) > 0.0, "{args:?}: {report}");
+        assert!(report["client_cpu_us_per_request"].as_f64().unwrap_or(0.0) > 0.0, "{args:?}: {report}");
         if let Some(batch) = report.get("reserve_batch").filter(|batch| !batch.is_null()) {
             assert_eq!(batch["item_errors_by_code"], serde_json::json!({}), "{args:?}: {report}");
             assert!(batch["reservations"].as_u64().unwrap_or(0) > 0, "{args:?}: {report}");
