@@ -102,9 +102,6 @@ stop_allotd() {
 
 load() { timeout $((DURATION + 120)) "$LOAD" --addr "$ADDR" --skus "$SKUS" --nodes "$NODES" "$@"; }
 
-# A number field of allot-load's JSON object, its first occurrence ("" when absent).
-json_num() { { grep -o "\"$1\": *[0-9.eE+-]*" <<<"$2" || true; } | head -n 1 | sed 's/.*: *//'; }
-
 # One allot-load run. ITEMS_PER_CALL > 1 for the batched case: ops are reservations, not calls.
 # CALLERS: allot-load --concurrency (default $CONCURRENCY).
 run_case() {

@@ -198,6 +198,9 @@ cpu_us_per_op() {
     awk -v t="$1" -v hz="$CLK_TCK" -v n="$2" 'BEGIN { if (n > 0) printf "%.1f", t / hz * 1e6 / n; else print "nan" }'
 }
 
+# A number field of allot-load's JSON object, its first occurrence ("" when absent).
+json_num() { { grep -o "\"$1\": *[0-9.eE+-]*" <<<"$2" || true; } | head -n 1 | sed 's/.*: *//'; }
+
 # The P-th percentile (0-100) of the numbers in FILE (one per line), nearest rank.
 percentile() {
     local p="$1" file="$2" n
