@@ -76,15 +76,10 @@ CONNECTIONS=4
 start_allotd() {
     local durability="$1"
     SCRATCH="$(make_scratch allot)"
-    PORT="$(free_port)"
-    METRICS_PORT="$(free_port)"
-    [[ "$METRICS_PORT" != "$PORT" ]] || METRICS_PORT="$(free_port)"
+    pick_allotd_ports
     ADDR="127.0.0.1:$PORT"
     printf '[store]\ndurability = "%s"\n' "$durability" >"$SCRATCH/allotd.toml"
-    "$ALLOTD" --config "$SCRATCH/allotd.toml" --data-dir "$SCRATCH/data" --listen "$ADDR" \
-        --metrics-listen "127.0.0.1:$METRICS_PORT" --log-format text >"$SCRATCH/allotd.log" 2>&1 &
-    ALLOTD_PID=$!
-    wait_for_port "$PORT" "$ALLOTD_PID" 60 || { cat "$SCRATCH/allotd.log" >&2; die "allotd did not start"; }
+    start_allotd_process "$SCRATCH/allotd.log" 60 --config "$SCRATCH/allotd.toml" --data-dir "$SCRATCH/data"
     log "allotd on $ADDR, durability = $durability ($(git -C "$REPO_ROOT" rev-parse --short HEAD 2>/dev/null || echo '?'))"
     # The data shape through the API, as the README's performance section loads it.
     load --setup --scenario health --duration-secs 0 --concurrency 1 --connections 1 \

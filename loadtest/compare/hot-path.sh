@@ -76,17 +76,12 @@ CASE_RATE=0
 run_case() {
     local name="$1" label="$2"
     shift 2
-    local port metrics_port json requests errors seconds ops ops_s cpu client per_op idle
+    local json requests errors seconds ops ops_s cpu client per_op idle
     local before after idle0 total0 idle1 total1
     SCRATCH="$(make_scratch hot-path)"
-    port="$(free_port)"
-    metrics_port="$(free_port)"
-    [[ "$metrics_port" != "$port" ]] || metrics_port="$(free_port)"
-    "$ALLOTD" --data-dir "$SCRATCH/data" --listen "127.0.0.1:$port" \
-        --metrics-listen "127.0.0.1:$metrics_port" --log-format text >"$SCRATCH/allotd.log" 2>&1 &
-    ALLOTD_PID=$!
-    wait_for_port "$port" "$ALLOTD_PID" 60 || { cat "$SCRATCH/allotd.log" >&2; die "allotd did not start"; }
-    local -a common=(--addr "127.0.0.1:$port" --skus "$SKUS" --nodes "$NODES")
+    pick_allotd_ports
+    start_allotd_process "$SCRATCH/allotd.log" 60 --data-dir "$SCRATCH/data"
+    local -a common=(--addr "127.0.0.1:$PORT" --skus "$SKUS" --nodes "$NODES")
     timeout 600 "$LOAD" "${common[@]}" --setup --scenario health --duration-secs 0 --concurrency 1 \
         --connections 1 >"$OUT_DIR/setup-$name.log" 2>&1 ||
         { cat "$OUT_DIR/setup-$name.log" >&2; die "allot-load --setup failed"; }

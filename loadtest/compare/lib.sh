@@ -126,6 +126,32 @@ wait_for_port() {
     return 1
 }
 
+# Two distinct free ports for an allotd: PORT (gRPC) and METRICS_PORT.
+pick_allotd_ports() {
+    PORT="$(free_port)"
+    METRICS_PORT="$(free_port)"
+    [[ "$METRICS_PORT" != "$PORT" ]] || METRICS_PORT="$(free_port)"
+}
+
+# Starts "$ALLOTD" on 127.0.0.1:PORT and METRICS_PORT (see pick_allotd_ports) with the extra
+# ARGS, logging to LOG, and waits up to SECS until it serves: its log's "allotd serving" line,
+# which carries startup_ms (the ports are bound before the store is opened, so an open port
+# is not yet a serving daemon). Leaves its pid in ALLOTD_PID.
+start_allotd_process() {
+    local log_file="$1" seconds="$2" i
+    shift 2
+    "$ALLOTD" --listen "127.0.0.1:$PORT" --metrics-listen "127.0.0.1:$METRICS_PORT" \
+        --log-format text "$@" >"$log_file" 2>&1 &
+    ALLOTD_PID=$!
+    for ((i = 0; i < seconds * 10; i++)); do
+        grep -q 'allotd serving' "$log_file" && return 0
+        kill -0 "$ALLOTD_PID" 2>/dev/null || break
+        sleep 0.1
+    done
+    cat "$log_file" >&2
+    die "allotd did not start serving"
+}
+
 # Cleanup on any exit, installed by install_exit_cleanup: the script's own stop_servers (when it
 # defines one), then the scratch directory; Ctrl-C and TERM exit with their usual codes.
 SCRATCH=""

@@ -49,9 +49,7 @@ stop_servers() {
 install_exit_cleanup
 MIN_FREE_MB=4096
 SCRATCH="$(make_scratch memory)"
-PORT="$(free_port)"
-METRICS_PORT="$(free_port)"
-[[ "$METRICS_PORT" != "$PORT" ]] || METRICS_PORT="$(free_port)"
+pick_allotd_ports
 RESULTS="$OUT_DIR/memory.md"
 echo "| step | figure |" >"$RESULTS"
 echo "|---|---|" >>"$RESULTS"
@@ -66,18 +64,7 @@ START_COUNT=0
 start_daemon() {
     START_COUNT=$((START_COUNT + 1))
     DAEMON_LOG="$OUT_DIR/allotd-$START_COUNT.log"
-    "$ALLOTD" --data-dir "$SCRATCH/data" --listen "127.0.0.1:$PORT" \
-        --metrics-listen "127.0.0.1:$METRICS_PORT" --log-format text >"$DAEMON_LOG" 2>&1 &
-    ALLOTD_PID=$!
-    # The port is bound before the store is opened: serving is the log line with startup_ms.
-    local i
-    for ((i = 0; i < 3000; i++)); do
-        grep -q 'allotd serving' "$DAEMON_LOG" && return 0
-        kill -0 "$ALLOTD_PID" 2>/dev/null || break
-        sleep 0.1
-    done
-    cat "$DAEMON_LOG" >&2
-    die "allotd did not start serving"
+    start_allotd_process "$DAEMON_LOG" 300 --data-dir "$SCRATCH/data"
 }
 
 rss() {
