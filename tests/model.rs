@@ -379,3 +379,51 @@ fn expiry_happens_exactly_at_expires_at() {
     assert_eq!(engine.index.position(&sku(0), &node_id(0)).unwrap().reserved, 0);
     engine.close();
 }
+
+#[test]
+fn reserve_batch_items_share_one_barrier_and_a_full_queue_refuses_them() {
+    // Goal: the items of a ReserveBatch (no acknowledgement of their own, one barrier after
+    // them) each get Reserve's outcome, a replayed key its first reservation, and all of them
+    // are on disk once the barrier resolves; with no room in the commit queue every item is
+    // refused and nothing is held. Method: the index on a real store, reopened from disk; then
+    // a queue of one place, which the batch's barrier takes.
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(5_000));
+    let engine = common::Engine::open(dir.path(), clock.clone());
+    engine.index.upsert_nodes(nodes()).unwrap().durable_blocking().unwrap();
+    let entry = StockEntry { sku: sku(0), node_id: node_id(0), on_hand: 10, safety_stock: None };
+    engine.index.set_stock(&[entry]).unwrap().durable_blocking().unwrap();
+    let command = |key: &str, qty: i64| ReserveCommand {
+        idempotency_key: IdempotencyKey::parse(key).unwrap(),
+        lines: vec![ReserveLine { sku: sku(0), node_id: node_id(0), qty }],
+        ttl_ms: 0,
+        reference: String::new(),
+        channel: None,
+    };
+    let batch = engine.index.reserve_batch().unwrap();
+    let first = batch.reserve(command("batch-1", 3)).unwrap();
+    let ReserveOutcome::Reserved { id: first_id, .. } = first else { panic!("10 on hand: {first:?}") };
+    assert_eq!(batch.reserve(command("batch-1", 3)).unwrap(), first);
+    let short = batch.reserve(command("batch-2", 8)).unwrap();
+    assert!(matches!(short, ReserveOutcome::Insufficient(_)), "7 left: {short:?}");
+    let second = batch.reserve(command("batch-3", 7)).unwrap();
+    let ReserveOutcome::Reserved { id: second_id, .. } = second else { panic!("7 left: {second:?}") };
+    batch.finish().wait_blocking().unwrap();
+    engine.close();
+
+    let engine = common::Engine::open_with_queue(dir.path(), clock.clone(), 1);
+    for id in [first_id, second_id] {
+        assert_eq!(engine.index.reservation(id).unwrap().status, ReservationStatus::Held);
+    }
+    assert_eq!(engine.index.position(&sku(0), &node_id(0)).unwrap().reserved, 10);
+    engine.index.transition(first_id, Transition::Release, "").unwrap().durable_blocking().unwrap();
+    let batch = engine.index.reserve_batch().unwrap();
+    assert!(matches!(engine.index.reserve_batch(), Err(IndexError::Overloaded)));
+    assert_eq!(batch.reserve(command("batch-4", 1)), Err(IndexError::Overloaded));
+    batch.finish().wait_blocking().unwrap();
+    assert_eq!(engine.index.position(&sku(0), &node_id(0)).unwrap().reserved, 7);
+    // The refused key was not remembered: with room again, it reserves.
+    let pending = engine.index.reserve(command("batch-4", 1)).unwrap();
+    assert!(matches!(pending.durable_blocking().unwrap(), ReserveOutcome::Reserved { .. }));
+    engine.close();
+}

@@ -371,33 +371,36 @@ impl v1::inventory_server::Inventory for InventoryApi {
             }
             count("items", items.len(), limits.lines_per_request_max)?;
             // Every item decides in turn (under its own shard locks) and hands its mutation to
-            // the commit thread without waiting; then all acknowledgements are awaited
-            // together, so the batch shares a few group commits instead of one fsync per item.
+            // the commit thread without waiting; one barrier after the last stands for all of
+            // them, so the batch shares a few group commits instead of one fsync per item, and
+            // the call parks (and is woken) once. Each item still has its own answer. A full
+            // commit queue refuses every item, as it would have refused each alone.
+            let batch = self.core.index.reserve_batch();
             let mut decided = Vec::with_capacity(items.len());
             for item in items {
-                decided.push(
-                    parse_reserve(item, limits).and_then(|command| Ok(self.core.index.reserve(command)?)),
-                );
+                decided.push(parse_reserve(item, limits).and_then(|command| match &batch {
+                    Ok(batch) => Ok(batch.reserve(command)?),
+                    Err(refused) => Err(refused.clone().into()),
+                }));
             }
-            // Awaited last item first: the commit thread takes mutations in the order they were
-            // handed to it and acknowledges each group commit whole, so once the last one is
-            // durable the others are too, and the call parks (and is woken) once instead of
-            // once per group commit its items spread over. Each item still has its own answer.
-            let mut answers = Vec::with_capacity(decided.len());
-            for item in decided.into_iter().rev() {
-                let result = match item {
-                    Ok(pending) => pending.durable().await.map_err(ServiceError::from),
-                    Err(error) => Err(error),
-                };
-                use v1::reserve_batch_response::item::Result as Answer;
-                answers.push(v1::reserve_batch_response::Item {
-                    result: Some(match item_answer(&self.core, result) {
-                        Ok(response) => Answer::Response(response),
-                        Err(error) => Answer::Error(error),
-                    }),
-                });
-            }
-            answers.reverse();
+            let durable = match batch {
+                Ok(batch) => batch.finish().await,
+                Err(_) => Ok(()),
+            };
+            let answers = decided
+                .into_iter()
+                .map(|item| {
+                    use v1::reserve_batch_response::item::Result as Answer;
+                    let result = item
+                        .and_then(|outcome| durable.clone().map(|()| outcome).map_err(ServiceError::from));
+                    v1::reserve_batch_response::Item {
+                        result: Some(match item_answer(&self.core, result) {
+                            Ok(response) => Answer::Response(response),
+                            Err(error) => Answer::Error(error),
+                        }),
+                    }
+                })
+                .collect();
             Ok(v1::ReserveBatchResponse { items: answers })
         }
         .await;

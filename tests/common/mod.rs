@@ -27,6 +27,11 @@ pub struct Engine {
 
 impl Engine {
     pub fn open(dir: &Path, clock: Arc<dyn Clock>) -> Engine {
+        Engine::open_with_queue(dir, clock, 4096)
+    }
+
+    /// `open`, with a commit queue of `queue_len_max` mutations (a small one sheds writers).
+    pub fn open_with_queue(dir: &Path, clock: Arc<dyn Clock>, queue_len_max: usize) -> Engine {
         let (store, recovered) = Store::open(dir, &StoreOptions::default()).expect("open store");
         let store = Arc::new(store);
         let feed = Arc::new(Feed::new(1024, 16));
@@ -34,7 +39,7 @@ impl Engine {
             store.clone(),
             WalOptions {
                 durability: Durability::Fsync,
-                queue_len_max: 4096,
+                queue_len_max,
                 batch_len_max: 512,
                 change_retention: 100_000,
                 event_retention: 1_000_000,
