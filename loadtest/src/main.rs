@@ -19,6 +19,11 @@ mod scenarios;
 mod schedule;
 mod setup;
 
+/// mimalloc, as in allotd: the generator shares the cores with the daemon it measures, so
+/// every cycle it spends on glibc malloc's bins is one the daemon does not get.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::io::Write;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
