@@ -18,6 +18,8 @@ const SKU_COUNT: usize = 10_000;
 const NODE_COUNT: usize = 4;
 /// Operations whose acknowledgements are awaited together.
 const PIPELINE_LEN: usize = 1_024;
+/// Items per call of the ReserveBatch bench (the comparison scripts' batch size).
+const BATCH_LEN: usize = 50;
 
 fn setup(dir: &std::path::Path) -> (Arc<Index>, std::thread::JoinHandle<()>) {
     let (store, recovered) = Store::open(dir, &StoreOptions::default()).unwrap();
@@ -119,6 +121,34 @@ fn bench_index(criterion: &mut Criterion) {
     criterion.bench_function(
         "index/reserve+release one line, one hot SKU (buffered store, pipelined acks)",
         |bencher| bencher.iter(|| reserve_release(&|_| 0)),
+    );
+    // ReserveBatch's path: 50 items decided in turn, then one barrier for all of them.
+    let mut batch_counter = 0u64;
+    criterion.bench_function(
+        "index/reserve batch of 50 one-line items, uniform SKU (buffered store, one barrier)",
+        |bencher| {
+            bencher.iter(|| {
+                let batch = index.reserve_batch().unwrap();
+                for _ in 0..BATCH_LEN {
+                    batch_counter += 1;
+                    let sku = batch_counter.wrapping_mul(7919) % SKU_COUNT as u64;
+                    let command = ReserveCommand {
+                        idempotency_key: IdempotencyKey::parse(&format!("batch-{batch_counter}")).unwrap(),
+                        lines: vec![ReserveLine {
+                            sku: Sku::parse(&format!("SKU-{sku}")).unwrap(),
+                            node_id: NodeId::parse("DC-1").unwrap(),
+                            qty: 1,
+                        }],
+                        ttl_ms: 600_000,
+                        reference: String::new(),
+                        channel: None,
+                    };
+                    let outcome = batch.reserve(command).unwrap();
+                    assert!(matches!(outcome, ReserveOutcome::Reserved { .. }), "stock is ample");
+                }
+                batch.finish().wait_blocking().unwrap();
+            })
+        },
     );
     let skus: Vec<Sku> = (0..SKU_COUNT).map(|s| Sku::parse(&format!("SKU-{s}")).unwrap()).collect();
     let mut next = 0usize;
