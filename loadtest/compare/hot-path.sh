@@ -58,6 +58,10 @@ stop_servers() {
 install_exit_cleanup
 
 TABLE="$OUT_DIR/hot-path.md"
+# The open-loop rows' send lag: how late the generator sent its requests after their due
+# time. The latency is taken from the due time, so this lag is part of each p99 above.
+LAGS="$OUT_DIR/send-lag.md"
+: >"$LAGS"
 {
     echo "| case | load | ops/s | p50 ms | p99 ms | p99.9 ms | errors | daemon CPU µs/op | generator CPU µs/op | machine idle |"
     echo "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"
@@ -123,6 +127,12 @@ run_case() {
         "$(json_num p50_ms "$json")" "$unit" "$(json_num p99_ms "$json")" "$unit" \
         "$(json_num p999_ms "$json")" "$unit" "${errors:-?}" "$cpu" "$per_op" "$idle" >>"$TABLE"
     log "$(tail -n 1 "$TABLE")"
+    local lag
+    lag="$({ grep -o '"send_lag_ms": *{[^}]*}' <<<"$json" || true; } | head -n 1)"
+    if [[ -n "$lag" ]]; then
+        printf -- '- %s: p50 %s ms, p99 %s ms, p99.9 %s ms\n' "$name" "$(json_num p50 "$lag")" \
+            "$(json_num p99 "$lag")" "$(json_num p999 "$lag")" >>"$LAGS"
+    fi
     CASE_RATE="$ops_s"
 }
 
@@ -163,4 +173,10 @@ echo
 echo "allotd hot path, $(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) cores, $(git -C "$REPO_ROOT" rev-parse --short HEAD 2>/dev/null || echo '?'); $SKUS SKUs x $NODES nodes, $DURATION s per case after a ${WARMUP_SECS} s warm-up"
 echo
 cat "$TABLE"
+if [[ -s "$LAGS" ]]; then
+    echo
+    echo "The generator's send lag in open loop (part of the latency above):"
+    echo
+    cat "$LAGS"
+fi
 log "table and each run's JSON in $OUT_DIR"
