@@ -123,6 +123,7 @@ fn bench_group_commit(criterion: &mut Criterion) {
             durability: Durability::Fsync,
             queue_len_max: 65_536,
             batch_len_max: 65_536,
+            commit_interval: std::time::Duration::ZERO,
             change_retention: 1_000,
             event_retention: 1_000_000,
             disk_guard: None,

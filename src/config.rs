@@ -35,6 +35,9 @@ pub struct Config {
     pub tls: TlsConfig,
 }
 
+/// The longest `store.commit_interval_us`: every durable write may wait this long.
+pub const COMMIT_INTERVAL_US_MAX: u64 = 10_000;
+
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
@@ -44,6 +47,13 @@ pub struct StoreConfig {
     pub commit_queue_len_max: usize,
     /// Mutations per group commit at most.
     pub commit_batch_len_max: usize,
+    /// The least time from the start of one group commit to the start of the next, in µs
+    /// (0, the default: none). Under load, fewer and larger commits: each device flush costs
+    /// the same whatever it carries, and a host or a cloud volume may cap or charge flushes
+    /// per second. A commit never waits when the last one started longer ago than this, but a
+    /// lone caller sending one write after another waits for it every time (at most one write
+    /// per interval), which is why it is off by default.
+    pub commit_interval_us: u64,
     /// Availability changes kept for `from_sequence` resumes.
     pub change_retention: u64,
     /// Events (the audit trail and WatchEvents feed) kept on disk; older ones are trimmed.
@@ -120,6 +130,7 @@ impl Default for StoreConfig {
             durability: Durability::Fsync,
             commit_queue_len_max: 65_536,
             commit_batch_len_max: 8_192,
+            commit_interval_us: 0,
             change_retention: 1_000_000,
             event_retention: 50_000_000,
             write_buffer_bytes: 64 * 1024 * 1024,
@@ -310,6 +321,9 @@ impl Config {
                 crate::store::journal::SEGMENT_BYTES_MIN
             ));
         }
+        if self.store.commit_interval_us > COMMIT_INTERVAL_US_MAX {
+            problems.push(format!("store.commit_interval_us must be at most {COMMIT_INTERVAL_US_MAX}"));
+        }
         if self.store.change_retention == 0 {
             problems.push("store.change_retention must be at least 1".into());
         }
@@ -353,6 +367,18 @@ mod tests {
         let config = Config::from_toml("[index]\nshard_count = 3\n[server]\nin_flight_max = 0\n").unwrap();
         let problems = config.problems();
         assert_eq!(problems.len(), 2, "{problems:?}");
+    }
+
+    #[test]
+    fn commit_interval_is_bounded() {
+        // Goal: a commit interval beyond the maximum (every durable write would wait that
+        // long) is refused by name; the maximum itself and 0 (no pacing) are accepted.
+        let problems =
+            |us: u64| Config::from_toml(&format!("[store]\ncommit_interval_us = {us}\n")).unwrap().problems();
+        assert_eq!(problems(0), Vec::<String>::new());
+        assert_eq!(problems(COMMIT_INTERVAL_US_MAX), Vec::<String>::new());
+        let too_long = problems(COMMIT_INTERVAL_US_MAX + 1);
+        assert!(too_long.len() == 1 && too_long[0].contains("store.commit_interval_us"), "{too_long:?}");
     }
 
     #[test]

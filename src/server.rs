@@ -180,6 +180,7 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<Running, Sta
             durability: config.store.durability,
             queue_len_max: config.store.commit_queue_len_max,
             batch_len_max: config.store.commit_batch_len_max,
+            commit_interval: std::time::Duration::from_micros(config.store.commit_interval_us),
             change_retention: config.store.change_retention,
             event_retention: config.store.event_retention,
             disk_guard: Some(disk_guard.clone()),

@@ -14,6 +14,7 @@ BIN_DIR="${ALLOT_BIN_DIR:-}"
 WARMUP_SECS=1
 OPEN_FRACTIONS="0.5,0.25"
 DURATION=8
+COMMIT_INTERVAL_US=""
 
 usage() {
     cat <<EOF
@@ -26,6 +27,8 @@ each fraction of their closed-loop rate at --concurrency callers. Default $DURAT
   --warmup SECS           allot-load --warmup-secs (default $WARMUP_SECS); CPU is counted after it
   --open-fractions LIST   comma-separated fractions of the closed-loop rate (default $OPEN_FRACTIONS;
                           "none" skips the open loop)
+  --commit-interval-us N  run every daemon with store.commit_interval_us = N (default: the
+                          built-in default, 0)
 EOF
     common_usage
 }
@@ -35,12 +38,14 @@ script_flag() {
         --bin-dir) BIN_DIR="${2:?--bin-dir needs a value}" ;;
         --warmup) WARMUP_SECS="${2:?--warmup needs a value}" ;;
         --open-fractions) OPEN_FRACTIONS="${2:?--open-fractions needs a value}" ;;
+        --commit-interval-us) COMMIT_INTERVAL_US="${2:?--commit-interval-us needs a value}" ;;
         *) return 1 ;;
     esac
 }
 
 parse_common_flags "$@"
 [[ "$WARMUP_SECS" =~ ^[1-9][0-9]*$ ]] || die "--warmup must be a whole number of seconds, at least 1"
+[[ -z "$COMMIT_INTERVAL_US" || "$COMMIT_INTERVAL_US" =~ ^[0-9]+$ ]] || die "--commit-interval-us must be a whole number"
 BIN_DIR="${BIN_DIR:-$REPO_ROOT/target/release}"
 ALLOTD="$BIN_DIR/allotd"
 LOAD="$BIN_DIR/allot-load"
@@ -84,7 +89,12 @@ run_case() {
     local before after idle0 total0 idle1 total1
     SCRATCH="$(make_scratch hot-path)"
     pick_allotd_ports
-    start_allotd_process "$SCRATCH/allotd.log" 60 --data-dir "$SCRATCH/data"
+    local -a config=()
+    if [[ -n "$COMMIT_INTERVAL_US" ]]; then
+        printf '[store]\ncommit_interval_us = %s\n' "$COMMIT_INTERVAL_US" >"$SCRATCH/allotd.toml"
+        config=(--config "$SCRATCH/allotd.toml")
+    fi
+    start_allotd_process "$SCRATCH/allotd.log" 60 "${config[@]}" --data-dir "$SCRATCH/data"
     local -a common=(--addr "127.0.0.1:$PORT" --skus "$SKUS" --nodes "$NODES")
     timeout 600 "$LOAD" "${common[@]}" --setup --scenario health --duration-secs 0 --concurrency 1 \
         --connections 1 >"$OUT_DIR/setup-$name.log" 2>&1 ||
@@ -170,7 +180,7 @@ if [[ "$OPEN_FRACTIONS" != none ]]; then
 fi
 
 echo
-echo "allotd hot path, $(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) cores, $(git -C "$REPO_ROOT" rev-parse --short HEAD 2>/dev/null || echo '?'); $SKUS SKUs x $NODES nodes, $DURATION s per case after a ${WARMUP_SECS} s warm-up"
+echo "allotd hot path, $(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) cores, $(git -C "$REPO_ROOT" rev-parse --short HEAD 2>/dev/null || echo '?'); $SKUS SKUs x $NODES nodes, $DURATION s per case after a ${WARMUP_SECS} s warm-up${COMMIT_INTERVAL_US:+; store.commit_interval_us = $COMMIT_INTERVAL_US}"
 echo
 cat "$TABLE"
 if [[ -s "$LAGS" ]]; then

@@ -6,12 +6,15 @@
 //! changes. A failed write or fsync stops the process: memory must never run ahead of disk for
 //! an acknowledged change.
 //!
+//! With `store.commit_interval_us` set, a group commit starts no sooner than that after the
+//! start of the one before, so that under load the writers that arrive meanwhile share it.
+//!
 //! Load shedding happens before any state changes: a writer first takes a `Slot` (a place in
 //! the queue); without one it answers RESOURCE_EXHAUSTED, with one its later send cannot block.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
 use rocksdb::{WriteBatch, WriteOptions};
@@ -42,6 +45,8 @@ pub struct WalOptions {
     pub queue_len_max: usize,
     /// Mutations written per WriteBatch at most.
     pub batch_len_max: usize,
+    /// The least time between the starts of two group commits (`store.commit_interval_us`).
+    pub commit_interval: Duration,
     /// Availability changes kept on disk for `from_sequence` resumes.
     pub change_retention: u64,
     /// Events kept on disk for WatchEvents and order histories.
@@ -245,7 +250,18 @@ fn commit_loop(
     let mut reservation_id_written = 0u64;
     let mut batch: Vec<Mutation> = Vec::with_capacity(options.batch_len_max);
     let layout = Layout::probe(&Cf::ALL.map(|cf| store.cf(cf)));
+    let mut last_commit: Option<Instant> = None;
     while let Ok(first) = receiver.recv() {
+        // Pacing: under load, the writers that arrive meanwhile join this commit instead of
+        // each starting one of their own (fewer, larger device flushes). A commit whose
+        // predecessor started long enough ago goes at once.
+        if let Some(started) = last_commit {
+            let since = started.elapsed();
+            if since < options.commit_interval {
+                std::thread::sleep(options.commit_interval - since);
+            }
+        }
+        last_commit = Some(Instant::now());
         batch.push(first);
         while batch.len() < options.batch_len_max {
             match receiver.try_recv() {
@@ -368,4 +384,59 @@ pub fn fatal(message: &str) -> ! {
     tracing::error!("FATAL: {message}; stopping without acknowledging pending requests");
     eprintln!("allotd: FATAL: {message}");
     std::process::exit(70)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::StoreOptions;
+
+    /// A commit thread on a new store under `dir`, pacing its commits `interval` apart.
+    fn start_paced(dir: &std::path::Path, interval: Duration) -> (WalHandle, std::thread::JoinHandle<()>) {
+        let (store, _recovered) = Store::open(dir, &StoreOptions::default()).unwrap();
+        let options = WalOptions {
+            durability: Durability::Buffered,
+            queue_len_max: 16,
+            batch_len_max: 16,
+            commit_interval: interval,
+            change_retention: 1_000,
+            event_retention: 1_000,
+            disk_guard: None,
+        };
+        start(Arc::new(store), options, Box::new(|_, _| {}))
+    }
+
+    /// Submits an empty mutation and waits until its group commit is durable.
+    fn commit_one(wal: &WalHandle) {
+        let slot = wal.try_slot().unwrap();
+        let mut mutation = Mutation::default();
+        let ack = mutation.acknowledged();
+        wal.submit(slot, mutation);
+        ack.blocking_recv().unwrap();
+    }
+
+    #[test]
+    fn commits_in_a_row_are_paced_and_a_quiet_one_goes_at_once() {
+        // Goal: with store.commit_interval_us set, a group commit starts no sooner than that
+        // after the start of the one before it, and a commit whose predecessor started longer
+        // ago than that does not wait. Method: four commits back to back take at least three
+        // intervals (a lower bound: a sleep never returns early); after a pause longer than
+        // the interval, one more takes less than half of one.
+        let dir = tempfile::tempdir().unwrap();
+        let interval = Duration::from_millis(300);
+        let (wal, thread) = start_paced(dir.path(), interval);
+        let started = Instant::now();
+        for _ in 0..4 {
+            commit_one(&wal);
+        }
+        let four = started.elapsed();
+        assert!(four >= interval * 3, "four commits in a row took {four:?}");
+        std::thread::sleep(interval + interval / 2);
+        let started = Instant::now();
+        commit_one(&wal);
+        let alone = started.elapsed();
+        assert!(alone < interval / 2, "a commit after a pause waited {alone:?}");
+        wal.stop();
+        thread.join().unwrap();
+    }
 }

@@ -41,6 +41,7 @@ impl Engine {
                 durability: Durability::Fsync,
                 queue_len_max,
                 batch_len_max: 512,
+                commit_interval: std::time::Duration::ZERO,
                 change_retention: 100_000,
                 event_retention: 1_000_000,
                 disk_guard: None,
