@@ -340,16 +340,23 @@ proptest! {
     }
 }
 
+/// An engine on a new store under `dir` with the test's nodes and 10 units of `sku(0)` at
+/// `node_id(0)`.
+fn engine_with_ten_units(dir: &std::path::Path, clock: Arc<ManualClock>) -> common::Engine {
+    let engine = common::Engine::open(dir, clock);
+    engine.index.upsert_nodes(nodes()).unwrap().durable_blocking().unwrap();
+    let entry = StockEntry { sku: sku(0), node_id: node_id(0), on_hand: 10, safety_stock: None };
+    engine.index.set_stock(&[entry]).unwrap().durable_blocking().unwrap();
+    engine
+}
+
 #[test]
 fn expiry_happens_exactly_at_expires_at() {
     // Goal: a hold is released at expires_at, not a millisecond before or after; an extension
     // moves that instant. Method: a manual clock stepped to either side of the boundary.
     let dir = tempfile::tempdir().unwrap();
     let clock = Arc::new(ManualClock::new(5_000));
-    let engine = common::Engine::open(dir.path(), clock.clone());
-    engine.index.upsert_nodes(nodes()).unwrap().durable_blocking().unwrap();
-    let entry = StockEntry { sku: sku(0), node_id: node_id(0), on_hand: 10, safety_stock: None };
-    engine.index.set_stock(&[entry]).unwrap().durable_blocking().unwrap();
+    let engine = engine_with_ten_units(dir.path(), clock.clone());
     let command = ReserveCommand {
         idempotency_key: IdempotencyKey::parse("boundary").unwrap(),
         lines: vec![ReserveLine { sku: sku(0), node_id: node_id(0), qty: 4 }],
@@ -389,10 +396,7 @@ fn reserve_batch_items_share_one_barrier_and_a_full_queue_refuses_them() {
     // a queue of one place, which the batch's barrier takes.
     let dir = tempfile::tempdir().unwrap();
     let clock = Arc::new(ManualClock::new(5_000));
-    let engine = common::Engine::open(dir.path(), clock.clone());
-    engine.index.upsert_nodes(nodes()).unwrap().durable_blocking().unwrap();
-    let entry = StockEntry { sku: sku(0), node_id: node_id(0), on_hand: 10, safety_stock: None };
-    engine.index.set_stock(&[entry]).unwrap().durable_blocking().unwrap();
+    let engine = engine_with_ten_units(dir.path(), clock.clone());
     let command = |key: &str, qty: i64| ReserveCommand {
         idempotency_key: IdempotencyKey::parse(key).unwrap(),
         lines: vec![ReserveLine { sku: sku(0), node_id: node_id(0), qty }],
