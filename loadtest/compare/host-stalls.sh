@@ -79,8 +79,7 @@ TABLE="$OUT_DIR/host-stalls.md"
 # The group commits whose journal write took over 5 ms, from allot_commit_fsync_seconds.
 commits_over_5ms() {
     local metrics
-    metrics="$(exec 3<>"/dev/tcp/127.0.0.1/$METRICS_PORT" &&
-        printf 'GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n' >&3 && cat <&3)" || { echo "?"; return; }
+    metrics="$(allotd_metrics)" || { echo "?"; return; }
     awk '/^allot_commit_fsync_seconds_bucket\{le="0.005"\}/ { within = $2 }
          /^allot_commit_fsync_seconds_count / { total = $2 }
          END { if (within == "") print "?"; else printf "%d of %d", total - within, total }' <<<"$metrics"

@@ -152,6 +152,13 @@ start_allotd_process() {
     die "allotd did not start serving"
 }
 
+# The Prometheus text of the allotd on METRICS_PORT (see pick_allotd_ports); fails when it
+# does not answer.
+allotd_metrics() {
+    (exec 3<>"/dev/tcp/127.0.0.1/$METRICS_PORT" &&
+        printf 'GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n' >&3 && cat <&3)
+}
+
 # Cleanup on any exit, installed by install_exit_cleanup: the script's own stop_servers (when it
 # defines one), then the scratch directory; Ctrl-C and TERM exit with their usual codes.
 SCRATCH=""

@@ -77,8 +77,7 @@ startup_ms() {
 
 open_reservations() {
     local metrics
-    metrics="$(exec 3<>"/dev/tcp/127.0.0.1/$METRICS_PORT" &&
-        printf 'GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n' >&3 && cat <&3)" || { echo "?"; return; }
+    metrics="$(allotd_metrics)" || { echo "?"; return; }
     awk '/^allot_open_reservations / { printf "%d", $2 }' <<<"$metrics"
 }
 

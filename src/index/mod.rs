@@ -176,10 +176,7 @@ impl ReserveBatch<'_> {
 
     /// Submits the barrier: resolves once every item reserved before it is durable.
     pub fn finish(self) -> Durable {
-        let mut mutation = Mutation::default();
-        let ack = mutation.acknowledged();
-        self.index.wal.submit(self.barrier, mutation);
-        Durable { ack: Some(ack) }
+        Durable { ack: Some(self.index.submit_barrier(self.barrier)) }
     }
 }
 
@@ -565,21 +562,22 @@ impl Index {
     /// A barrier: resolves once everything submitted before it is durable. Used when a request
     /// answers from state another request wrote (a replay, a repeated release).
     fn barrier<T>(&self, value: T) -> Result<Pending<T>, IndexError> {
-        let slot = self.slot()?;
+        Ok(Pending::ready(value, self.submit_barrier(self.slot()?)))
+    }
+
+    /// Submits an empty mutation in `slot`: its acknowledgement comes once everything
+    /// submitted before it is durable (the commit thread takes mutations in order).
+    fn submit_barrier(&self, slot: Slot<'_>) -> oneshot::Receiver<()> {
         let mut mutation = Mutation::default();
         let ack = mutation.acknowledged();
         self.wal.submit(slot, mutation);
-        Ok(Pending::ready(value, ack))
+        ack
     }
 
     /// Resolves once everything submitted before it is durable (a replay answered from state
     /// another request wrote waits on this).
     pub fn durable_barrier(&self) -> Result<oneshot::Receiver<()>, IndexError> {
-        let slot = self.slot()?;
-        let mut mutation = Mutation::default();
-        let ack = mutation.acknowledged();
-        self.wal.submit(slot, mutation);
-        Ok(ack)
+        Ok(self.submit_barrier(self.slot()?))
     }
 
     /// The SKUs whose ATP rose at some node since the last call (the backorder retry's

@@ -255,13 +255,14 @@ fn commit_loop(
         // Pacing: under load, the writers that arrive meanwhile join this commit instead of
         // each starting one of their own (fewer, larger device flushes). A commit whose
         // predecessor started long enough ago goes at once.
-        if let Some(started) = last_commit {
-            let since = started.elapsed();
-            if since < options.commit_interval {
+        if !options.commit_interval.is_zero() {
+            if let Some(since) = last_commit.map(|started| started.elapsed())
+                && since < options.commit_interval
+            {
                 std::thread::sleep(options.commit_interval - since);
             }
+            last_commit = Some(Instant::now());
         }
-        last_commit = Some(Instant::now());
         batch.push(first);
         while batch.len() < options.batch_len_max {
             match receiver.try_recv() {
