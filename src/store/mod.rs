@@ -30,11 +30,14 @@ pub enum Cf {
     Orders,
     Fulfilment,
     Returns,
+    /// Availability changes (`a` + sequence). Until store format 5 they shared `Events` with
+    /// the audit events; see `Store::move_changes_out_of_events`.
+    Changes,
 }
 
 impl Cf {
     /// In declaration order: `ALL[cf as usize] == cf`.
-    pub const ALL: [Cf; 9] = [
+    pub const ALL: [Cf; 10] = [
         Cf::Nodes,
         Cf::Positions,
         Cf::Reservations,
@@ -44,6 +47,7 @@ impl Cf {
         Cf::Orders,
         Cf::Fulfilment,
         Cf::Returns,
+        Cf::Changes,
     ];
 
     /// Column families read only by recovery, never while serving (the index has them in
@@ -66,6 +70,7 @@ impl Cf {
             Cf::Orders => "orders",
             Cf::Fulfilment => "fulfilment_orders",
             Cf::Returns => "returns",
+            Cf::Changes => "changes",
         }
     }
 }

@@ -31,7 +31,16 @@ use crate::domain::{
 /// reservations instead, and a hold, release or expiry writes no position record. A format-3
 /// build would read every count as the last on-hand change left it, so it must refuse format 4.
 /// Formats 1 to 3 open as they are (their counts are ignored, and equal the sum anyway).
-const STORE_FORMAT_VERSION: u64 = 4;
+/// 5: the availability changes have a column family of their own (`changes`). They shared
+/// `events` with the audit events, two key ranges that each grow at their top, so every flushed
+/// file spanned every older event and each compaction rewrote them all. Older formats are
+/// upgraded at open, after the journal's replay, by moving their changes across. A format-4
+/// build would look for the changes in `events` and find none; RocksDB refuses to open the
+/// store for it anyway, since it does not know the `changes` column family.
+const STORE_FORMAT_VERSION: u64 = 5;
+
+/// Changes moved per write batch when an older store is upgraded to format 5.
+const CHANGES_MOVED_PER_BATCH: usize = 65_536;
 
 #[derive(Debug, Clone)]
 pub struct StoreOptions {
@@ -151,8 +160,10 @@ impl Store {
             recovered_last_sequence: 0,
             recovered_last_audit_sequence: 0,
         };
-        store.check_format_version()?;
+        let found_format = store.check_format_version()?;
         let journal = store.replay_journal(&path.join(JOURNAL_DIR), options.journal_segment_bytes)?;
+        // After the replay: the journal's older records wrote their changes into `events`.
+        store.upgrade_format(found_format)?;
         *store.journal.lock() = Some(journal);
         let recovered = store.recover()?;
         Ok((store, recovered))
@@ -286,12 +297,12 @@ impl Store {
         let start = keys::change(from);
         let mut changes = Vec::new();
         let iterator =
-            self.db.iterator_cf(self.cf(Cf::Events), IteratorMode::From(&start, Direction::Forward));
+            self.db.iterator_cf(self.cf(Cf::Changes), IteratorMode::From(&start, Direction::Forward));
         for item in iterator.take(limit) {
             let (key, value) = item?;
             let Some(sequence) = keys::change_sequence(&key) else { break };
-            let record: ChangeRecord = decode(Cf::Events, &key, Kind::Change, &value)?;
-            changes.push(record.into_change(sequence).map_err(|error| corrupt(Cf::Events, &key, error))?);
+            let record: ChangeRecord = decode(Cf::Changes, &key, Kind::Change, &value)?;
+            changes.push(record.into_change(sequence).map_err(|error| corrupt(Cf::Changes, &key, error))?);
         }
         Ok(changes)
     }
@@ -440,7 +451,7 @@ impl Store {
         recovered.orders.next_return_id = self.counter(keys::META_NEXT_RETURN_ID)?.unwrap_or(0);
         let next_id = self.counter(keys::META_NEXT_RESERVATION_ID)?.unwrap_or(0);
         recovered.next_reservation_id = next_id.max(highest_id) + 1;
-        let mut first = self.db.iterator_cf(self.cf(Cf::Events), IteratorMode::Start);
+        let mut first = self.db.iterator_cf(self.cf(Cf::Changes), IteratorMode::Start);
         let first_sequence = match first.next() {
             Some(item) => keys::change_sequence(&item?.0).unwrap_or(1),
             None => 1,
@@ -475,23 +486,72 @@ impl Store {
         Ok(recovered)
     }
 
-    fn check_format_version(&self) -> Result<(), StoreError> {
+    /// The store's format (None for a new store); refuses a newer one than this build's.
+    fn check_format_version(&self) -> Result<Option<u64>, StoreError> {
         match self.counter(keys::META_FORMAT_VERSION)? {
             Some(found) if found > STORE_FORMAT_VERSION => {
                 Err(StoreError::FormatVersion { found: found as u32, supported: STORE_FORMAT_VERSION as u32 })
             }
-            Some(STORE_FORMAT_VERSION) => Ok(()),
-            // An older format (or none yet): RocksDB has replayed its own WAL at open, so the
-            // store is whole; from now on it is written as this format.
-            _ => {
-                let value = records::encode(Kind::Counter, &CounterRecord { value: STORE_FORMAT_VERSION });
-                let mut options = rocksdb::WriteOptions::default();
-                options.set_sync(true);
-                let mut batch = rocksdb::WriteBatch::default();
-                batch.put_cf(self.cf(Cf::Meta), keys::META_FORMAT_VERSION, value);
-                self.db.write_opt(batch, &options)?;
-                Ok(())
+            found => Ok(found),
+        }
+    }
+
+    /// Brings a store of an older format (or a new one) to this build's, once the journal is
+    /// replayed: moves the changes out of `events`, then records the format, durably.
+    fn upgrade_format(&self, found: Option<u64>) -> Result<(), StoreError> {
+        if found == Some(STORE_FORMAT_VERSION) {
+            return Ok(());
+        }
+        let moved = self.move_changes_out_of_events()?;
+        let value = records::encode(Kind::Counter, &CounterRecord { value: STORE_FORMAT_VERSION });
+        let mut options = rocksdb::WriteOptions::default();
+        options.set_sync(true);
+        let mut batch = rocksdb::WriteBatch::default();
+        batch.put_cf(self.cf(Cf::Meta), keys::META_FORMAT_VERSION, value);
+        self.db.write_opt(batch, &options)?;
+        if found.is_some() {
+            // Into the table files with everything else, so that what is on disk never depends
+            // on RocksDB's own log for the moved changes.
+            self.flush()?;
+            tracing::info!(
+                from = found,
+                to = STORE_FORMAT_VERSION,
+                changes_moved = moved,
+                "upgraded the store"
+            );
+        }
+        Ok(())
+    }
+
+    /// Moves every availability change (`a` + sequence) from `events` to `changes`, in batches
+    /// that each put a run of changes into `changes` and delete the same run from `events`, so
+    /// a crash between two leaves each change in exactly one of them and the next open goes
+    /// on. Returns how many it moved.
+    fn move_changes_out_of_events(&self) -> Result<u64, StoreError> {
+        let (events, changes) = (self.cf(Cf::Events), self.cf(Cf::Changes));
+        let mut moved = 0u64;
+        loop {
+            let mut batch = rocksdb::WriteBatch::default();
+            let mut last = None;
+            let mut iterator = self.db.raw_iterator_cf(events);
+            iterator.seek(keys::change(0));
+            let mut first = None;
+            while let (Some(key), Some(value)) = (iterator.key(), iterator.value()) {
+                if keys::change_sequence(key).is_none() || batch.len() == CHANGES_MOVED_PER_BATCH {
+                    break;
+                }
+                first.get_or_insert_with(|| key.to_vec());
+                batch.put_cf(changes, key, value);
+                last = Some(key.to_vec());
+                iterator.next();
             }
+            iterator.status()?;
+            let (Some(first), Some(last)) = (first, last) else { return Ok(moved) };
+            let mut end = last;
+            end.push(0);
+            moved += batch.len() as u64;
+            batch.delete_range_cf(events, first, end);
+            self.db.write(batch)?;
         }
     }
 
@@ -542,5 +602,87 @@ fn corrupt(cf: Cf, key: &[u8], error: DecodeError) -> StoreError {
         cf: cf.name(),
         key: String::from_utf8_lossy(key).escape_debug().to_string(),
         reason: error.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::change::Totals;
+
+    fn change(sequence: u64) -> AvailabilityChange {
+        AvailabilityChange {
+            sku: Sku::parse("SKU-1").unwrap(),
+            node_id: NodeId::parse("N1").unwrap(),
+            atp: sequence as i64,
+            totals: Totals { unrestricted: sequence as i64, restricted: Vec::new() },
+            sequence,
+        }
+    }
+
+    fn counter(store: &Store, key: &[u8]) -> Option<u64> {
+        store.counter(key).unwrap()
+    }
+
+    fn keys_of(store: &Store, cf: Cf) -> Vec<Vec<u8>> {
+        store.db.iterator_cf(store.cf(cf), IteratorMode::Start).map(|item| item.unwrap().0.to_vec()).collect()
+    }
+
+    #[test]
+    fn a_format_4_store_moves_its_changes_to_their_own_column_family_once() {
+        // Goal: a store written by a format-4 build (its changes in `events`, beside the audit
+        // events) opens with every change readable from `changes`, none left in `events`, the
+        // audit events untouched and format 5 recorded; opening it again changes nothing.
+        // Method: write that layout through the store's RocksDB handle (more changes than one
+        // move batch holds), mark it format 4, reopen twice.
+        let dir = tempfile::tempdir().unwrap();
+        let count = CHANGES_MOVED_PER_BATCH as u64 + 5;
+        {
+            let (store, _) = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+            let mut batch = rocksdb::WriteBatch::default();
+            for sequence in 1..=count {
+                let record = records::encode(Kind::Change, &ChangeRecord::from_change(&change(sequence)));
+                batch.put_cf(store.cf(Cf::Events), keys::change(sequence), record);
+            }
+            let event = AuditEvent { sequence: 1, ..AuditEvent::default() };
+            let record = records::encode(Kind::Audit, &AuditRecord::from_event(&event));
+            batch.put_cf(store.cf(Cf::Events), keys::audit(1), record);
+            for (key, value) in [
+                (keys::META_LAST_SEQUENCE, count),
+                (keys::META_LAST_AUDIT_SEQUENCE, 1),
+                (keys::META_FORMAT_VERSION, 4),
+            ] {
+                batch.put_cf(
+                    store.cf(Cf::Meta),
+                    key,
+                    records::encode(Kind::Counter, &CounterRecord { value }),
+                );
+            }
+            store.db.write(batch).unwrap();
+            store.flush().unwrap();
+        }
+        for _ in 0..2 {
+            let (store, recovered) = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+            assert_eq!(counter(&store, keys::META_FORMAT_VERSION), Some(STORE_FORMAT_VERSION));
+            assert_eq!(recovered.last_sequence, count);
+            assert_eq!(store.first_sequence(), 1);
+            let changes = store.read_changes(1, count as usize + 10).unwrap();
+            assert_eq!(changes.len() as u64, count);
+            for (index, found) in changes.iter().enumerate() {
+                assert_eq!(*found, change(index as u64 + 1));
+            }
+            assert_eq!(keys_of(&store, Cf::Events), vec![keys::audit(1).to_vec()]);
+            assert_eq!(keys_of(&store, Cf::Changes).len() as u64, count);
+            assert_eq!(store.first_event_sequence(), 1);
+        }
+    }
+
+    #[test]
+    fn a_new_store_is_written_as_the_current_format() {
+        // Goal: a new store records this build's format at its first open (so a build that
+        // cannot read it refuses it). Method: open a new directory, read the counter.
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+        assert_eq!(counter(&store, keys::META_FORMAT_VERSION), Some(STORE_FORMAT_VERSION));
     }
 }

@@ -285,7 +285,7 @@ fn commit_loop(
                 sequence += 1;
                 change.sequence = sequence;
                 let record = ChangeRecord::from_change(&change);
-                write_batch.put_record(Cf::Events, &keys::change(sequence), Kind::Change, &record);
+                write_batch.put_record(Cf::Changes, &keys::change(sequence), Kind::Change, &record);
                 published.push(change);
             }
             if let Some(high) = mutation.reservation_id_high {
@@ -328,7 +328,7 @@ fn commit_loop(
             // delete is rare.
             let keep_from = sequence.saturating_sub(options.change_retention) + 1;
             if keep_from > trimmed_below + options.change_retention / 8 + 1 {
-                write_batch.delete_range(Cf::Events, &keys::change(trimmed_below), &keys::change(keep_from));
+                write_batch.delete_range(Cf::Changes, &keys::change(trimmed_below), &keys::change(keep_from));
                 trimmed_below = keep_from;
                 store.set_first_sequence(keep_from);
             }
