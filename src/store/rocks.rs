@@ -634,7 +634,8 @@ mod tests {
         // events) opens with every change readable from `changes`, none left in `events`, the
         // audit events untouched and format 5 recorded; opening it again changes nothing.
         // Method: write that layout through the store's RocksDB handle (more changes than one
-        // move batch holds), mark it format 4, reopen twice.
+        // move batch holds), with the first three already in `changes` as a conversion cut
+        // short by a crash would leave them; mark it format 4, reopen twice.
         let dir = tempfile::tempdir().unwrap();
         let count = CHANGES_MOVED_PER_BATCH as u64 + 5;
         {
@@ -642,7 +643,8 @@ mod tests {
             let mut batch = rocksdb::WriteBatch::default();
             for sequence in 1..=count {
                 let record = records::encode(Kind::Change, &ChangeRecord::from_change(&change(sequence)));
-                batch.put_cf(store.cf(Cf::Events), keys::change(sequence), record);
+                let cf = if sequence <= 3 { Cf::Changes } else { Cf::Events };
+                batch.put_cf(store.cf(cf), keys::change(sequence), record);
             }
             let event = AuditEvent { sequence: 1, ..AuditEvent::default() };
             let record = records::encode(Kind::Audit, &AuditRecord::from_event(&event));
