@@ -42,6 +42,9 @@ const STORE_FORMAT_VERSION: u64 = 5;
 /// Changes moved per write batch when an older store is upgraded to format 5.
 const CHANGES_MOVED_PER_BATCH: usize = 65_536;
 
+/// Above every change key (`a` + 8 bytes).
+const CHANGES_END: &[u8] = b"b";
+
 #[derive(Debug, Clone)]
 pub struct StoreOptions {
     /// RocksDB block cache and memtable budget hint, in bytes.
@@ -532,25 +535,24 @@ impl Store {
         let mut moved = 0u64;
         loop {
             let mut batch = rocksdb::WriteBatch::default();
-            let mut last = None;
             let mut iterator = self.db.raw_iterator_cf(events);
             iterator.seek(keys::change(0));
-            let mut first = None;
             while let (Some(key), Some(value)) = (iterator.key(), iterator.value()) {
                 if keys::change_sequence(key).is_none() || batch.len() == CHANGES_MOVED_PER_BATCH {
                     break;
                 }
-                first.get_or_insert_with(|| key.to_vec());
                 batch.put_cf(changes, key, value);
-                last = Some(key.to_vec());
                 iterator.next();
             }
             iterator.status()?;
-            let (Some(first), Some(last)) = (first, last) else { return Ok(moved) };
-            let mut end = last;
-            end.push(0);
+            if batch.is_empty() {
+                return Ok(moved);
+            }
             moved += batch.len() as u64;
-            batch.delete_range_cf(events, first, end);
+            // Every key from the first change to where the run stopped (the next key of
+            // `events`, or past every change key at its end) was just put into `changes`.
+            let end = iterator.key().map_or_else(|| CHANGES_END.to_vec(), <[u8]>::to_vec);
+            batch.delete_range_cf(events, &keys::change(0)[..], &end[..]);
             self.db.write(batch)?;
         }
     }
@@ -677,6 +679,29 @@ mod tests {
             assert_eq!(keys_of(&store, Cf::Changes).len() as u64, count);
             assert_eq!(store.first_event_sequence(), 1);
         }
+    }
+
+    #[test]
+    fn changes_at_the_end_of_events_are_moved_too() {
+        // Goal: when nothing follows the changes in `events` (no audit event yet), the move
+        // still deletes every one of them there. Method: a format-4 store of five changes and
+        // nothing else in `events`; after the open, `events` is empty and `changes` has five.
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (store, _) = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+            let mut batch = rocksdb::WriteBatch::default();
+            for sequence in 1..=5 {
+                let record = records::encode(Kind::Change, &ChangeRecord::from_change(&change(sequence)));
+                batch.put_cf(store.cf(Cf::Events), keys::change(sequence), record);
+            }
+            let version = records::encode(Kind::Counter, &CounterRecord { value: 4 });
+            batch.put_cf(store.cf(Cf::Meta), keys::META_FORMAT_VERSION, version);
+            store.db.write(batch).unwrap();
+            store.flush().unwrap();
+        }
+        let (store, _) = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+        assert_eq!(keys_of(&store, Cf::Events), Vec::<Vec<u8>>::new());
+        assert_eq!(keys_of(&store, Cf::Changes).len(), 5);
     }
 
     #[test]
