@@ -20,8 +20,9 @@ usage() {
     cat <<EOF
 Usage: $0 [options]
 Closed loop: health (16 and 64 callers), atp, route, reserve (uniform, hot, 64 callers) and
-reserve-batch (100 x 4, 50 x 4, 20 x 8, 100 x 16); open loop: health, atp, route and reserve at
-each fraction of their closed-loop rate at --concurrency callers. Default $DURATION s per case.
+reserve-batch (100 x 4, 50 x 4, 20 x 8, 100 x 16) and reserve-stream (4 streams x 64 in
+flight); open loop: health, atp, route and reserve at each fraction of their closed-loop rate
+at --concurrency callers. Default $DURATION s per case.
   --bin-dir DIR           allotd and allot-load from DIR (default target/release; build them
                           with cargo build --release --workspace --bins)
   --warmup SECS           allot-load --warmup-secs (default $WARMUP_SECS); CPU is counted after it
@@ -50,7 +51,7 @@ BIN_DIR="${BIN_DIR:-$REPO_ROOT/target/release}"
 ALLOTD="$BIN_DIR/allotd"
 LOAD="$BIN_DIR/allot-load"
 [[ -x "$ALLOTD" && -x "$LOAD" ]] || die "no allotd / allot-load in $BIN_DIR (cargo build --release --workspace --bins)"
-"$LOAD" --help 2>&1 | grep -q -- --in-flight-max || die "$LOAD is too old for this script"
+"$LOAD" --help 2>&1 | grep -q -- --callers-per-stream || die "$LOAD is too old for this script"
 
 ALLOTD_PID=""
 LOAD_PID=""
@@ -165,6 +166,8 @@ run_case batch-100x4 "closed, ReserveBatch 100 × 4 callers" --scenario reserve-
 run_case batch-50x4 "closed, ReserveBatch 50 × 4 callers" --scenario reserve-batch --batch 50 --concurrency 4
 run_case batch-20x8 "closed, ReserveBatch 20 × 8 callers" --scenario reserve-batch --batch 20 --concurrency 8
 run_case batch-100x16 "closed, ReserveBatch 100 × 16 callers" --scenario reserve-batch --batch 100 --concurrency 16
+run_case stream-64x4 "closed, ReserveStream 4 streams × 64 in flight" --scenario reserve-stream \
+    --concurrency 256 --callers-per-stream 64
 
 if [[ "$OPEN_FRACTIONS" != none ]]; then
     IFS=',' read -r -a fractions <<<"$OPEN_FRACTIONS"

@@ -29,9 +29,10 @@ pub enum Scenario {
     /// Inventory.ReserveBatch of --batch one-line reservations (qty 1 each): calls/s and
     /// reservations/s, latency per call, item outcomes by kind.
     ReserveBatch,
-    /// Inventory.ReserveStream: each caller keeps one bidirectional stream open and sends
-    /// one-line reservations (qty 1) on it, one at a time; latency per reservation, from its
-    /// send to its durable answer. --concurrency is the reservations in flight.
+    /// Inventory.ReserveStream: one-line reservations (qty 1) on bidirectional streams that
+    /// --callers-per-stream callers share (each caller one reservation at a time); latency per
+    /// reservation, from its send to its durable answer. --concurrency is the reservations in
+    /// flight, over --concurrency / --callers-per-stream streams.
     ReserveStream,
     /// Route (a quote, nothing reserved) of --lines SKUs to a random US address.
     Route,
@@ -153,6 +154,10 @@ pub struct Flags {
     /// Lines per order (route, allocate, capture, checkout, order-checkout).
     #[arg(long, default_value_t = 3)]
     pub lines: usize,
+    /// reserve-stream: callers (open loop: lanes) that share one ReserveStream, so each stream
+    /// carries up to this many reservations in flight.
+    #[arg(long, default_value_t = 1)]
+    pub callers_per_stream: usize,
     /// Items per ReserveBatch call (reserve-batch).
     #[arg(long, default_value_t = 100)]
     pub batch: usize,
@@ -190,6 +195,7 @@ impl Flags {
             ("--nodes", self.nodes),
             ("--lines", self.lines),
             ("--batch", self.batch),
+            ("--callers-per-stream", self.callers_per_stream),
             ("--in-flight-max", self.in_flight_max),
         ] {
             if value == 0 {

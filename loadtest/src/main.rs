@@ -7,7 +7,8 @@
 //!
 //! Layout: `flags` (command line), `keys` (SKU distributions), `schedule` (open-loop
 //! arithmetic), `scenarios` (what a request sends), `drivers` (closed and open loop),
-//! `recorder` (histograms and counts), `report` (text and JSON), `setup` (the data set).
+//! `recorder` (histograms and counts), `report` (text and JSON), `setup` (the data set),
+//! `streams` (the ReserveStreams that callers share).
 
 mod cpu;
 mod drivers;
@@ -18,6 +19,7 @@ mod report;
 mod scenarios;
 mod schedule;
 mod setup;
+mod streams;
 
 /// mimalloc, as in allotd: the generator shares the cores with the daemon it measures, so
 /// every cycle it spends on glibc malloc's bins is one the daemon does not get.
@@ -79,6 +81,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         batch_len: flags.batch,
         ttl_ms: flags.ttl_ms,
         mix: mix.clone(),
+        // None is opened until a reserve-stream request needs it.
+        streams: streams::StreamPool::new(flags.concurrency, flags.callers_per_stream),
         key_prefix: format!("load-{}-{run_id}", flags.seed),
         timeout: Duration::from_millis(flags.timeout_ms),
     });

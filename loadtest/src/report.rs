@@ -90,6 +90,8 @@ pub struct Report {
     pub mode: &'static str,
     pub rate_target: Option<u64>,
     pub concurrency: usize,
+    /// reserve-stream: callers (lanes) per ReserveStream.
+    pub callers_per_stream: Option<usize>,
     pub connections: usize,
     pub seed: u64,
     pub run_id: u64,
@@ -200,6 +202,8 @@ impl Report {
             mode: if flags.rate.is_some() { "open" } else { "closed" },
             rate_target: flags.rate,
             concurrency: flags.concurrency,
+            callers_per_stream: (flags.scenario == Scenario::ReserveStream)
+                .then_some(flags.callers_per_stream),
             connections: flags.connections,
             seed: flags.seed,
             run_id,
@@ -247,6 +251,10 @@ impl Report {
                 self.concurrency, self.connections, open.in_flight_max
             ),
             _ => format!("closed loop ({} callers, {} connections)", self.concurrency, self.connections),
+        };
+        let mode = match self.callers_per_stream {
+            Some(callers) => format!("{mode}, {callers} per ReserveStream"),
+            None => mode,
         };
         let distribution = match (self.skew, self.hot_skus) {
             (Some(skew), _) => format!("Zipf s={skew} over {} SKUs", self.skus),

@@ -15,6 +15,7 @@ use tonic::transport::Channel;
 use crate::flags::Scenario;
 use crate::keys::SkuPicker;
 use crate::recorder::{BatchTally, Iteration, OpKind, Outcome, Sample, code_name};
+use crate::streams::StreamPool;
 
 /// The mixed scenario's default blend, in percent: a checkout service mostly asks for ATP,
 /// reserves for carts, releases some of them, quotes shipping and captures a few orders.
@@ -125,6 +126,8 @@ pub struct Workload {
     pub batch_len: usize,
     pub ttl_ms: u64,
     pub mix: Mix,
+    /// The reserve-stream scenario's streams, shared by --callers-per-stream callers each.
+    pub streams: StreamPool,
     /// Starts every idempotency key and order id: "load-SEED-RUN", so runs never replay.
     pub key_prefix: String,
     /// Each RPC's own limit; beyond it the RPC is an error DeadlineExceeded.
@@ -157,35 +160,13 @@ impl Lane {
 }
 
 /// One client per service over one connection; cheap to clone (the connection is shared).
+#[derive(Clone)]
 pub struct Clients {
     health: tonic_health::pb::health_client::HealthClient<Channel>,
     inventory: v1::inventory_client::InventoryClient<Channel>,
     routing: v1::routing_client::RoutingClient<Channel>,
     orders: v1::orders_client::OrdersClient<Channel>,
     fulfilment: v1::fulfilment_client::FulfilmentClient<Channel>,
-    /// This caller's ReserveStream, opened by its first reserve-stream request.
-    stream: Option<ReserveStream>,
-}
-
-/// One open Inventory.ReserveStream: requests go in through `sender`, answers come back in
-/// the same order.
-struct ReserveStream {
-    sender: tokio::sync::mpsc::Sender<v1::ReserveRequest>,
-    answers: tonic::Streaming<v1::ReserveStreamResponse>,
-}
-
-/// A clone shares the connection but not the stream (a stream belongs to one caller).
-impl Clone for Clients {
-    fn clone(&self) -> Self {
-        Clients {
-            health: self.health.clone(),
-            inventory: self.inventory.clone(),
-            routing: self.routing.clone(),
-            orders: self.orders.clone(),
-            fulfilment: self.fulfilment.clone(),
-            stream: None,
-        }
-    }
 }
 
 impl Clients {
@@ -196,7 +177,6 @@ impl Clients {
             routing: v1::routing_client::RoutingClient::new(channel.clone()),
             orders: v1::orders_client::OrdersClient::new(channel.clone()),
             fulfilment: v1::fulfilment_client::FulfilmentClient::new(channel),
-            stream: None,
         }
     }
 }
@@ -338,45 +318,18 @@ impl Request<'_> {
         }
     }
 
-    /// One reservation sent on this caller's ReserveStream (opened on first use), timed from
-    /// its send to its answer; the reservation id when RESERVED. A broken stream is an error
-    /// of this request, and the next one opens a new stream.
+    /// One reservation sent on the ReserveStream this caller shares (opened on first use),
+    /// timed from its send to its answer; the reservation id when RESERVED. A broken stream
+    /// is an error of the requests waiting on it, and the next request opens a new stream.
     async fn reserve_on_stream(&mut self) -> Option<String> {
         let request = self.reserve_request(self.key());
-        let inventory = &mut self.clients.inventory;
-        let stream = &mut self.clients.stream;
+        let (streams, inventory, caller) = (&self.workload.streams, &self.clients.inventory, self.lane.index);
         let answer = self
             .timer
             .call(OpKind::ReserveStream, async {
-                let answer = match stream {
-                    Some(open) => match open.sender.send(request).await {
-                        Ok(()) => open.answers.message().await,
-                        Err(_) => Err(tonic::Status::unavailable("the request stream closed")),
-                    },
-                    None => {
-                        // The first request goes with the call: allotd reads a request's first
-                        // message before it answers the call's headers.
-                        let (sender, receiver) = tokio::sync::mpsc::channel(1);
-                        sender.send(request).await.expect("the receiver is here");
-                        let answers = inventory
-                            .reserve_stream(tokio_stream::wrappers::ReceiverStream::new(receiver))
-                            .await?
-                            .into_inner();
-                        let open = stream.insert(ReserveStream { sender, answers });
-                        open.answers.message().await
-                    }
-                };
-                match answer {
-                    Ok(Some(answer)) => Ok(tonic::Response::new(answer)),
-                    Ok(None) => Err(tonic::Status::unavailable("the answer stream ended")),
-                    Err(status) => Err(status),
-                }
+                streams.reserve(caller, inventory, request).await.map(tonic::Response::new)
             })
-            .await;
-        let Some(answer) = answer else {
-            self.clients.stream = None;
-            return None;
-        };
+            .await?;
         use v1::reserve_stream_response::Result as Answer;
         match answer.result {
             Some(Answer::Response(response)) => self.reserved(response),
