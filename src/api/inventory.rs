@@ -79,13 +79,18 @@ fn item_answer(
 /// How often an idle ReserveStream looks whether the daemon is shutting down.
 const STREAM_SHUTDOWN_POLL: std::time::Duration = std::time::Duration::from_millis(100);
 
-/// An item of a ReserveStream decided and waiting for its answer: its key, and its outcome
-/// with the durability to wait for (or the error to answer with at once).
-type Waiting = (String, Result<(ReserveOutcome, crate::index::Durable), ServiceError>);
+/// Items of a ReserveStream decided one after another at one wake-up of its task (every
+/// request message that had arrived by then, up to the window), each with its key and its
+/// outcome or error, and the one barrier that makes all of them durable (none when the commit
+/// queue refused the burst: then every item is that error).
+struct Burst {
+    items: Vec<(String, Result<ReserveOutcome, ServiceError>)>,
+    durable: Option<crate::index::Durable>,
+}
 
 /// What woke a ReserveStream's task.
 enum StreamEvent {
-    /// The oldest waiting item is durable (or failed to become so).
+    /// The oldest burst is durable (or failed to become so).
     Durable(Result<(), crate::index::IndexError>),
     /// The next request message, the end of the request stream, or a transport error.
     Next(Result<Option<v1::ReserveRequest>, Status>),
@@ -93,13 +98,15 @@ enum StreamEvent {
     Poll,
 }
 
-/// Serves a ReserveStream in one task: decides each item in arrival order (under its shard
-/// locks, like Reserve) and answers the items in request order, each as soon as it is durable.
+/// Serves a ReserveStream in one task: decides the items in arrival order (each under its own
+/// shard locks, like Reserve) and answers them in request order as soon as they are durable.
+/// Every message already received when the task wakes is decided in the same burst, which,
+/// like a ReserveBatch, shares one barrier: one wait and one wake-up per burst, not per item.
 /// At most `limits.lines_per_request_max` items wait for their answers: past that, the request
 /// stream is not read (a caller that does not read its answers stops being read too, once the
 /// answer channel is full). Ends, after answering every item decided, at the end of the
 /// request stream, on a transport error (answered with its status) or at shutdown
-/// (UNAVAILABLE). One task instead of a reader and an answerer: one wake-up less per item.
+/// (UNAVAILABLE).
 async fn serve_stream(
     core: Arc<Core>,
     mut incoming: tonic::Streaming<v1::ReserveRequest>,
@@ -109,18 +116,20 @@ async fn serve_stream(
     let window = core.index.limits().lines_per_request_max.max(1);
     let mut shutdown_poll = tokio::time::interval(STREAM_SHUTDOWN_POLL);
     shutdown_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    let mut waiting: std::collections::VecDeque<Waiting> = std::collections::VecDeque::new();
+    let mut bursts: std::collections::VecDeque<Burst> = std::collections::VecDeque::new();
+    // Items in `bursts`: decided, not yet answered.
+    let mut waiting = 0usize;
     // Whether the request stream is still read, and the error status to end with, if any.
     let mut reading = true;
     let mut end: Option<Status> = None;
     loop {
-        let room = waiting.len() < window;
-        let has_waiting = !waiting.is_empty();
+        let room = waiting < window;
+        let has_waiting = !bursts.is_empty();
         let event = {
             let oldest = async {
-                match waiting.front_mut() {
-                    Some((_, Ok((_, durable)))) => durable.await,
-                    _ => Ok(()),
+                match bursts.front_mut().and_then(|burst| burst.durable.as_mut()) {
+                    Some(durable) => durable.await,
+                    None => Ok(()),
                 }
             };
             tokio::select! {
@@ -131,48 +140,92 @@ async fn serve_stream(
                 else => break,
             }
         };
-        match event {
+        let mut next = match event {
             StreamEvent::Durable(durable) => {
-                let (key, decided) = waiting.pop_front().expect("an item was waiting");
-                let result =
-                    decided.and_then(|(outcome, _)| durable.map(|()| outcome).map_err(ServiceError::from));
-                let answer = v1::ReserveStreamResponse {
-                    idempotency_key: key,
-                    result: Some(match item_answer(&core, result) {
-                        Ok(response) => Answer::Response(response),
-                        Err(error) => Answer::Error(error),
-                    }),
-                };
-                if answers.send(Ok(answer)).await.is_err() {
-                    return; // the caller went away; what was decided is durable anyway
+                let burst = bursts.pop_front().expect("a burst was waiting");
+                waiting -= burst.items.len();
+                for (key, decided) in burst.items {
+                    let result = decided
+                        .and_then(|outcome| durable.clone().map(|()| outcome).map_err(ServiceError::from));
+                    let answer = v1::ReserveStreamResponse {
+                        idempotency_key: key,
+                        result: Some(match item_answer(&core, result) {
+                            Ok(response) => Answer::Response(response),
+                            Err(error) => Answer::Error(error),
+                        }),
+                    };
+                    if answers.send(Ok(answer)).await.is_err() {
+                        return; // the caller went away; what was decided is durable anyway
+                    }
                 }
+                continue;
             }
-            StreamEvent::Next(Ok(Some(item))) => {
-                if core.admission.shutting_down() {
-                    (reading, end) = (false, Some(Status::from(ServiceError::ShuttingDown)));
-                    continue;
-                }
-                let key = item.idempotency_key.clone();
-                let decided = parse_reserve(item, core.index.limits())
-                    .and_then(|command| Ok(core.index.reserve(command)?.split()));
-                waiting.push_back((key, decided));
-            }
-            // The request stream ended: answer what is waiting, then end with OK.
-            StreamEvent::Next(Ok(None)) => reading = false,
-            // The request stream broke (a bad frame, a reset): said after the answers.
-            StreamEvent::Next(Err(status)) => {
-                (reading, end) = (false, Some(super::oversize::remap_status(status)));
-            }
+            StreamEvent::Next(next) => next,
             StreamEvent::Poll => {
                 if core.admission.shutting_down() {
                     (reading, end) = (false, Some(Status::from(ServiceError::ShuttingDown)));
                 }
+                continue;
             }
+        };
+        // Decide this message and every one that has arrived behind it, as one burst.
+        let batch = core.index.reserve_batch();
+        let mut items = Vec::new();
+        loop {
+            match next {
+                Ok(Some(_)) if core.admission.shutting_down() => {
+                    (reading, end) = (false, Some(Status::from(ServiceError::ShuttingDown)));
+                    break;
+                }
+                Ok(Some(item)) => {
+                    let key = item.idempotency_key.clone();
+                    let decided = parse_reserve(item, core.index.limits()).and_then(|command| match &batch {
+                        Ok(batch) => Ok(batch.reserve(command)?),
+                        Err(refused) => Err(refused.clone().into()),
+                    });
+                    items.push((key, decided));
+                }
+                // The request stream ended: answer what is waiting, then end with OK.
+                Ok(None) => {
+                    reading = false;
+                    break;
+                }
+                // The request stream broke (a bad frame, a reset): said after the answers.
+                Err(status) => {
+                    (reading, end) = (false, Some(super::oversize::remap_status(status)));
+                    break;
+                }
+            }
+            if waiting + items.len() >= window {
+                break;
+            }
+            match ready_message(&mut incoming).await {
+                Some(ready) => next = ready,
+                None => break,
+            }
+        }
+        // The barrier goes in even for a burst without items: its slot was taken.
+        let durable = batch.ok().map(|batch| batch.finish());
+        if !items.is_empty() {
+            waiting += items.len();
+            bursts.push_back(Burst { items, durable });
         }
     }
     if let Some(status) = end {
         let _ = answers.send(Err(status)).await;
     }
+}
+
+/// The next request message if it has arrived already, without waiting for one.
+async fn ready_message<T>(incoming: &mut tonic::Streaming<T>) -> Option<Result<Option<T>, Status>> {
+    use tokio_stream::Stream;
+    std::future::poll_fn(|cx| {
+        std::task::Poll::Ready(match Pin::new(&mut *incoming).poll_next(cx) {
+            std::task::Poll::Ready(next) => Some(next.transpose()),
+            std::task::Poll::Pending => None,
+        })
+    })
+    .await
 }
 
 impl InventoryApi {
