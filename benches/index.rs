@@ -166,5 +166,43 @@ fn bench_index(criterion: &mut Criterion) {
     commit_thread.join().unwrap();
 }
 
-criterion_group!(benches, bench_index);
+/// The reservation map alone: the steady state of holds that expire in the order they were
+/// made (insert the next id, remove the oldest of a million), and a lookup of a random open
+/// id, with the map's hash (`ReservationIdHash`) against the seeded foldhash it replaced.
+fn bench_reservation_map(criterion: &mut Criterion) {
+    fn cases<S: std::hash::BuildHasher + Clone>(criterion: &mut Criterion, name: &str, hasher: S) {
+        const OPEN: u64 = 1_000_000;
+        /// About the size of a boxed reservation.
+        type Value = Box<[u64; 24]>;
+        let map: dashmap::DashMap<u64, Value, S> =
+            dashmap::DashMap::with_hasher_and_shard_amount(hasher, allot::index::RESERVATION_MAP_SHARDS);
+        for id in 1..=OPEN {
+            map.insert(id, Box::new([id; 24]));
+        }
+        let mut next = OPEN;
+        criterion.bench_function(
+            &format!("reservation map/insert the next id, remove the oldest ({name})"),
+            |b| {
+                b.iter(|| {
+                    next += 1;
+                    map.insert(next, Box::new([next; 24]));
+                    map.remove(&(next - OPEN))
+                })
+            },
+        );
+        let mut state = 0x2545_F491_4F6C_DD1Du64;
+        criterion.bench_function(&format!("reservation map/get a random open id ({name})"), |b| {
+            b.iter(|| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                map.get(&(next - state % OPEN)).is_some()
+            })
+        });
+    }
+    cases(criterion, "foldhash", foldhash::fast::RandomState::default());
+    cases(criterion, "ReservationIdHash", allot::index::ReservationIdHash);
+}
+
+criterion_group!(benches, bench_index, bench_reservation_map);
 criterion_main!(benches);

@@ -44,10 +44,12 @@ impl SkuStock {
         self.nodes.binary_search_by(|(id, _)| id.cmp(node_id)).ok().map(|index| &mut self.nodes[index].1)
     }
 
-    pub fn set(&mut self, node_id: &NodeId, position: Position) {
+    /// Sets the position at `node_id`; a new entry keeps the id that `shared_id` gives (the
+    /// node table's copy), asked for only then.
+    pub fn set(&mut self, node_id: &NodeId, position: Position, shared_id: impl FnOnce() -> NodeId) {
         match self.nodes.binary_search_by(|(id, _)| id.cmp(node_id)) {
             Ok(index) => self.nodes[index].1 = position,
-            Err(index) => self.nodes.insert(index, (node_id.clone(), position)),
+            Err(index) => self.nodes.insert(index, (shared_id(), position)),
         }
     }
 
