@@ -295,6 +295,22 @@ impl Store {
         self.first_event_sequence.store(sequence, Ordering::Release);
     }
 
+    /// Deletes the files of the changes family that hold only changes older than `keep_from`
+    /// (no longer kept: `first_sequence` is at least `keep_from`). Files that also hold kept
+    /// changes stay, and so do files still in level 0, until a later trim; what they hold is
+    /// older than `first_sequence` and never read. No tombstone is written, so the newer files
+    /// never overlap the older ones and move down the levels without being rewritten. A
+    /// failure leaves the files for the next trim: it costs disk space, not correctness.
+    pub(super) fn drop_changes_before(&self, keep_from: u64) {
+        let Some(last_dropped) = keep_from.checked_sub(1).filter(|last| *last > 0) else { return };
+        // Both ends are included: a file whose newest change is `last_dropped` goes.
+        if let Err(error) =
+            self.db.delete_file_in_range_cf(self.cf(Cf::Changes), keys::change(0), keys::change(last_dropped))
+        {
+            tracing::warn!(%error, keep_from, "could not delete the files of trimmed availability changes");
+        }
+    }
+
     /// Availability changes with sequence >= `from`, at most `limit` (a resume reads in pages).
     pub fn read_changes(&self, from: u64, limit: usize) -> Result<Vec<AvailabilityChange>, StoreError> {
         let start = keys::change(from);
@@ -459,6 +475,9 @@ impl Store {
             Some(item) => keys::change_sequence(&item?.0).unwrap_or(1),
             None => 1,
         };
+        // Trimmed changes may still be on disk (their files go whole, see
+        // `drop_changes_before`): the oldest one kept is recorded.
+        let first_sequence = first_sequence.max(self.counter(keys::META_FIRST_SEQUENCE)?.unwrap_or(1));
         let last_sequence = self.counter(keys::META_LAST_SEQUENCE)?.unwrap_or(0);
         self.recovered_last_audit_sequence = self.counter(keys::META_LAST_AUDIT_SEQUENCE)?.unwrap_or(0);
         let mut events =

@@ -321,16 +321,24 @@ fn commit_loop(
                 store.set_first_event_sequence(keep_from);
             }
         }
+        // Changes older than this are no longer kept: their files go after this commit.
+        let mut changes_trimmed = None;
         if !published.is_empty() {
             let record = CounterRecord { value: sequence };
             write_batch.put_record(Cf::Meta, keys::META_LAST_SEQUENCE, Kind::Counter, &record);
-            // Bounded history: drop changes older than the retention, in steps so the range
-            // delete is rare.
+            // Bounded history: changes older than the retention are dropped in steps. The
+            // oldest one kept is recorded here; the files that hold only older ones are then
+            // deleted whole (`Store::drop_changes_before`). A range delete would do it in this
+            // batch, but the flushed file holding its tombstone would span from the oldest
+            // change to the newest, and RocksDB would rewrite every retained change in the next
+            // compaction, once per trim.
             let keep_from = sequence.saturating_sub(options.change_retention) + 1;
             if keep_from > trimmed_below + options.change_retention / 8 + 1 {
-                write_batch.delete_range(Cf::Changes, &keys::change(trimmed_below), &keys::change(keep_from));
+                let record = CounterRecord { value: keep_from };
+                write_batch.put_record(Cf::Meta, keys::META_FIRST_SEQUENCE, Kind::Counter, &record);
                 trimmed_below = keep_from;
                 store.set_first_sequence(keep_from);
+                changes_trimmed = Some(keep_from);
             }
         }
         if reservation_id_high > reservation_id_written {
@@ -373,6 +381,9 @@ fn commit_loop(
         if !published.is_empty() || !events.is_empty() {
             publisher(published, events);
         }
+        if let Some(keep_from) = changes_trimmed {
+            store.drop_changes_before(keep_from);
+        }
         if stopping {
             tracing::info!(last_sequence = sequence, "commit thread stopped");
             return;
@@ -414,6 +425,88 @@ mod tests {
         let ack = mutation.acknowledged();
         wal.submit(slot, mutation);
         ack.blocking_recv().unwrap();
+    }
+
+    #[test]
+    fn trimmed_changes_go_in_whole_files_and_the_kept_ones_are_never_rewritten() {
+        // Goal: with change_retention = 1,000 the changes family keeps every change from
+        // first_sequence on (also across a restart); the files that hold only older changes
+        // are deleted whole; and no trim makes RocksDB rewrite the kept ones (a range delete
+        // did: its tombstone made the next flushed file span every older change, so each
+        // compaction merged them all). Method: 21 commits of 500 changes, RocksDB flushed
+        // after each (one file each) and left to finish its compactions before the last one;
+        // then every file of the family must still be one commit's file, exactly as flushed,
+        // and only the newest few may remain.
+        const ROUND: u64 = 500;
+        const ROUNDS: u64 = 21;
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _recovered) = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+        let store = Arc::new(store);
+        let options = WalOptions {
+            durability: Durability::Buffered,
+            queue_len_max: 16,
+            batch_len_max: 16,
+            commit_interval: Duration::ZERO,
+            change_retention: 1_000,
+            event_retention: 1_000,
+            disk_guard: None,
+        };
+        let (wal, thread) = start(store.clone(), options, Box::new(|_, _| {}));
+        for round in 0..ROUNDS {
+            if round == ROUNDS - 1 {
+                // Files move out of level 0 (whole: nothing overlaps them) only in compactions.
+                let mut wait = rocksdb::WaitForCompactOptions::default();
+                wait.set_timeout(30_000_000);
+                store.db().wait_for_compact(&wait).unwrap();
+            }
+            let slot = wal.try_slot().unwrap();
+            let mut mutation = Mutation {
+                changes: (0..ROUND)
+                    .map(|n| AvailabilityChange {
+                        sku: crate::domain::Sku::parse(&format!("SKU-{n}")).unwrap(),
+                        node_id: crate::domain::NodeId::parse("N1").unwrap(),
+                        atp: n as i64,
+                        totals: crate::domain::Totals::default(),
+                        sequence: 0,
+                    })
+                    .collect(),
+                ..Mutation::default()
+            };
+            let ack = mutation.acknowledged();
+            wal.submit(slot, mutation);
+            ack.blocking_recv().unwrap();
+            store.flush().unwrap();
+        }
+        let last = ROUND * ROUNDS;
+        let keep_from = store.first_sequence();
+        assert!((last - 1_000 + 1..=last - 1_000 + 1 + 1_000 / 8 + 1).contains(&keep_from), "{keep_from}");
+        let files: Vec<_> = store
+            .db()
+            .live_files()
+            .unwrap()
+            .into_iter()
+            .filter(|file| file.column_family_name == "changes")
+            .collect();
+        for file in &files {
+            let first = keys::change_sequence(file.start_key.as_deref().unwrap()).unwrap();
+            let newest = keys::change_sequence(file.end_key.as_deref().unwrap()).unwrap();
+            assert!(
+                first % ROUND == 1 && newest == first + ROUND - 1 && file.num_entries == ROUND,
+                "a file of the changes family is not one commit's flush: {file:?}"
+            );
+            assert!(newest >= keep_from || file.level == 0, "a file of trimmed changes stayed: {file:?}");
+        }
+        // The kept ones, plus at most the files still in level 0 (compacted after the trim).
+        let held: u64 = files.iter().map(|file| file.num_entries).sum();
+        assert!(held <= 1_000 + 4 * ROUND, "{held} changes on disk, {} files", files.len());
+        let kept = store.read_changes(keep_from, 10_000).unwrap();
+        assert_eq!(kept.len() as u64, last - keep_from + 1);
+        assert!(kept.iter().zip(keep_from..).all(|(change, sequence)| change.sequence == sequence));
+        wal.stop();
+        thread.join().unwrap();
+        drop(store);
+        let (store, recovered) = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+        assert_eq!((store.first_sequence(), recovered.last_sequence), (keep_from, last));
     }
 
     #[test]
