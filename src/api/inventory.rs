@@ -211,12 +211,14 @@ async fn serve_stream(
                 None => break,
             }
         }
-        // The barrier goes in even for a burst without items: its slot was taken.
-        let durable = batch.ok().map(|batch| batch.finish());
-        if !items.is_empty() {
-            waiting += items.len();
-            bursts.push_back(Burst { items, durable });
+        if items.is_empty() {
+            // Nothing decided (the stream ended or broke, or the daemon is stopping): the
+            // barrier's place in the commit queue goes back unused with `batch`.
+            continue;
         }
+        let durable = batch.ok().map(|batch| batch.finish());
+        waiting += items.len();
+        bursts.push_back(Burst { items, durable });
     }
     if let Some(status) = end {
         let _ = answers.send(Err(status)).await;
