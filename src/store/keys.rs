@@ -132,6 +132,8 @@ pub const META_FORMAT_VERSION: &[u8] = b"format_version";
 pub const META_LAST_SEQUENCE: &[u8] = b"last_sequence";
 /// The oldest availability change kept (older ones may still be on disk until their files go).
 pub const META_FIRST_SEQUENCE: &[u8] = b"first_sequence";
+/// The oldest audit event kept (the same for the events).
+pub const META_FIRST_AUDIT_SEQUENCE: &[u8] = b"first_audit_sequence";
 pub const META_NEXT_RESERVATION_ID: &[u8] = b"next_reservation_id";
 /// The last journal record whose batch this state holds (see `journal`).
 pub const META_JOURNAL_SEQ: &[u8] = b"journal_seq";

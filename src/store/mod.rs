@@ -31,13 +31,16 @@ pub enum Cf {
     Fulfilment,
     Returns,
     /// Availability changes (`a` + sequence). Until store format 5 they shared `Events` with
-    /// the audit events; see `Store::move_changes_out_of_events`.
+    /// the audit events; see `Store::move_out_of_events`.
     Changes,
+    /// Each order's history index (`h` + order id + 0 + event sequence, empty values). Until
+    /// store format 6 it shared `Events` with the audit events.
+    OrderHistory,
 }
 
 impl Cf {
     /// In declaration order: `ALL[cf as usize] == cf`.
-    pub const ALL: [Cf; 10] = [
+    pub const ALL: [Cf; 11] = [
         Cf::Nodes,
         Cf::Positions,
         Cf::Reservations,
@@ -48,6 +51,7 @@ impl Cf {
         Cf::Fulfilment,
         Cf::Returns,
         Cf::Changes,
+        Cf::OrderHistory,
     ];
 
     /// Column families read only by recovery, never while serving (the index has them in
@@ -71,6 +75,7 @@ impl Cf {
             Cf::Fulfilment => "fulfilment_orders",
             Cf::Returns => "returns",
             Cf::Changes => "changes",
+            Cf::OrderHistory => "order_history",
         }
     }
 }

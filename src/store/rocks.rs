@@ -37,13 +37,20 @@ use crate::domain::{
 /// upgraded at open, after the journal's replay, by moving their changes across. A format-4
 /// build would look for the changes in `events` and find none; RocksDB refuses to open the
 /// store for it anyway, since it does not know the `changes` column family.
-const STORE_FORMAT_VERSION: u64 = 5;
+/// 6: each order's history index has a column family of its own (`order_history`), so that
+/// `events` holds only the audit events, in sequence order, and its trims can delete whole
+/// files instead of writing a range tombstone whose file spanned every retained event (see
+/// `drop_files_before`). Older formats are upgraded at open by moving the index across; a
+/// format-5 build cannot open the store (it does not know `order_history`).
+const STORE_FORMAT_VERSION: u64 = 6;
 
-/// Changes moved per write batch when an older store is upgraded to format 5.
-const CHANGES_MOVED_PER_BATCH: usize = 65_536;
+/// Keys moved per write batch when an older store is upgraded (formats 5 and 6).
+const MOVED_PER_BATCH: usize = 65_536;
 
-/// Above every change key (`a` + 8 bytes).
-const CHANGES_END: &[u8] = b"b";
+/// The key ranges that older formats kept in `events`: the changes (`a` + 8 bytes, format 5)
+/// and the order history index (`h` + ..., format 6).
+const CHANGES_RANGE: (&[u8], &[u8]) = (b"a", b"b");
+const ORDER_HISTORY_RANGE: (&[u8], &[u8]) = (b"h", b"i");
 
 #[derive(Debug, Clone)]
 pub struct StoreOptions {
@@ -251,20 +258,24 @@ impl Store {
         let prefix = keys::order_history_prefix(order_id);
         let mut keys_found = Vec::new();
         let iterator =
-            self.db.iterator_cf(self.cf(Cf::Events), IteratorMode::From(&prefix, Direction::Forward));
-        for item in iterator.take(limit) {
+            self.db.iterator_cf(self.cf(Cf::OrderHistory), IteratorMode::From(&prefix, Direction::Forward));
+        let first_kept = self.first_event_sequence();
+        for item in iterator {
             let (key, _) = item?;
-            if !key.starts_with(&prefix) || key.len() != prefix.len() + 8 {
+            if !key.starts_with(&prefix) || key.len() != prefix.len() + 8 || keys_found.len() == limit {
                 break;
             }
             let sequence = u64::from_be_bytes(key[prefix.len()..].try_into().expect("8 bytes"));
-            keys_found.push((sequence, keys::audit(sequence)));
+            // An event trimmed from the log leaves its history key behind (and may stay on
+            // disk a while, see `drop_files_before`): skip it.
+            if sequence >= first_kept {
+                keys_found.push((sequence, keys::audit(sequence)));
+            }
         }
         let cf = self.cf(Cf::Events);
         let values = self.db.multi_get_cf(keys_found.iter().map(|(_, key)| (cf, key.as_slice())));
         let mut events = Vec::with_capacity(keys_found.len());
         for ((sequence, key), value) in keys_found.iter().zip(values) {
-            // An event trimmed from the log leaves its history key behind: skip it.
             if let Some(value) = value? {
                 let record: AuditRecord = decode(Cf::Events, key, Kind::Audit, &value)?;
                 events.push(record.into_event(*sequence));
@@ -295,19 +306,25 @@ impl Store {
         self.first_event_sequence.store(sequence, Ordering::Release);
     }
 
-    /// Deletes the files of the changes family that hold only changes older than `keep_from`
-    /// (no longer kept: `first_sequence` is at least `keep_from`). Files that also hold kept
-    /// changes stay, and so do files still in level 0, until a later trim; what they hold is
-    /// older than `first_sequence` and never read. No tombstone is written, so the newer files
-    /// never overlap the older ones and move down the levels without being rewritten. A
-    /// failure leaves the files for the next trim: it costs disk space, not correctness.
-    pub(super) fn drop_changes_before(&self, keep_from: u64) {
+    /// Deletes the files of `cf` (the changes or the audit events) that hold only entries
+    /// older than `keep_from`, their keys `key(sequence)` from `first_key` on (no longer kept:
+    /// the first sequence kept, in memory and in meta, is at least `keep_from`). Files that
+    /// also hold kept entries stay, and so do files still in level 0, until a later trim;
+    /// what they hold is older than the first sequence kept and never served. No tombstone is
+    /// written, so the newer files never overlap the older ones and move down the levels
+    /// without being rewritten. A failure leaves the files for the next trim: it costs disk
+    /// space, not correctness.
+    pub(super) fn drop_files_before(
+        &self,
+        cf: Cf,
+        first_key: &[u8],
+        keep_from: u64,
+        key: fn(u64) -> [u8; 9],
+    ) {
         let Some(last_dropped) = keep_from.checked_sub(1).filter(|last| *last > 0) else { return };
-        // Both ends are included: a file whose newest change is `last_dropped` goes.
-        if let Err(error) =
-            self.db.delete_file_in_range_cf(self.cf(Cf::Changes), keys::change(0), keys::change(last_dropped))
-        {
-            tracing::warn!(%error, keep_from, "could not delete the files of trimmed availability changes");
+        // Both ends are included: a file whose newest entry is `last_dropped` goes.
+        if let Err(error) = self.db.delete_file_in_range_cf(self.cf(cf), first_key, &key(last_dropped)[..]) {
+            tracing::warn!(%error, cf = cf.name(), keep_from, "could not delete the files of trimmed entries");
         }
     }
 
@@ -486,12 +503,13 @@ impl Store {
             Some(item) => keys::audit_sequence(&item?.0),
             None => None,
         };
-        self.first_event_sequence.store(
-            first_event
-                .unwrap_or(self.recovered_last_audit_sequence + 1)
-                .min(self.recovered_last_audit_sequence + 1),
-            Ordering::Release,
-        );
+        // Trimmed events may still be on disk (their files go whole): the oldest one kept is
+        // recorded.
+        let first_event = first_event
+            .unwrap_or(self.recovered_last_audit_sequence + 1)
+            .max(self.counter(keys::META_FIRST_AUDIT_SEQUENCE)?.unwrap_or(1));
+        self.first_event_sequence
+            .store(first_event.min(self.recovered_last_audit_sequence + 1), Ordering::Release);
         self.first_sequence.store(first_sequence.min(last_sequence + 1), Ordering::Release);
         self.recovered_last_sequence = last_sequence;
         recovered.last_sequence = last_sequence;
@@ -519,12 +537,14 @@ impl Store {
     }
 
     /// Brings a store of an older format (or a new one) to this build's, once the journal is
-    /// replayed: moves the changes out of `events`, then records the format, durably.
+    /// replayed: moves the changes and the order history index out of `events`, then records
+    /// the format, durably.
     fn upgrade_format(&self, found: Option<u64>) -> Result<(), StoreError> {
         if found == Some(STORE_FORMAT_VERSION) {
             return Ok(());
         }
-        let moved = self.move_changes_out_of_events()?;
+        let changes_moved = self.move_out_of_events(Cf::Changes, CHANGES_RANGE)?;
+        let history_moved = self.move_out_of_events(Cf::OrderHistory, ORDER_HISTORY_RANGE)?;
         let value = records::encode(Kind::Counter, &CounterRecord { value: STORE_FORMAT_VERSION });
         let mut options = rocksdb::WriteOptions::default();
         options.set_sync(true);
@@ -533,34 +553,34 @@ impl Store {
         self.db.write_opt(batch, &options)?;
         if found.is_some() {
             // Into the table files with everything else, so that what is on disk never depends
-            // on RocksDB's own log for the moved changes.
+            // on RocksDB's own log for the moved keys.
             self.flush()?;
             tracing::info!(
                 from = found,
                 to = STORE_FORMAT_VERSION,
-                changes_moved = moved,
+                changes_moved,
+                history_moved,
                 "upgraded the store"
             );
         }
         Ok(())
     }
 
-    /// Moves every availability change (`a` + sequence) from `events` to `changes`, in batches
-    /// that each put a run of changes into `changes` and delete the same run from `events`, so
-    /// a crash between two leaves each change in exactly one of them and the next open goes
-    /// on. Returns how many it moved.
-    fn move_changes_out_of_events(&self) -> Result<u64, StoreError> {
-        let (events, changes) = (self.cf(Cf::Events), self.cf(Cf::Changes));
+    /// Moves every key of `events` in `[start, end)` to `to`, in batches that each put a run of
+    /// keys into `to` and delete the same run from `events`, so a crash between two leaves
+    /// each key in exactly one of them and the next open goes on. Returns how many it moved.
+    fn move_out_of_events(&self, to: Cf, (start, end): (&[u8], &[u8])) -> Result<u64, StoreError> {
+        let (events, to) = (self.cf(Cf::Events), self.cf(to));
         let mut moved = 0u64;
         loop {
             let mut batch = rocksdb::WriteBatch::default();
             let mut iterator = self.db.raw_iterator_cf(events);
-            iterator.seek(keys::change(0));
+            iterator.seek(start);
             while let (Some(key), Some(value)) = (iterator.key(), iterator.value()) {
-                if keys::change_sequence(key).is_none() || batch.len() == CHANGES_MOVED_PER_BATCH {
+                if key >= end || batch.len() == MOVED_PER_BATCH {
                     break;
                 }
-                batch.put_cf(changes, key, value);
+                batch.put_cf(to, key, value);
                 iterator.next();
             }
             iterator.status()?;
@@ -568,10 +588,10 @@ impl Store {
                 return Ok(moved);
             }
             moved += batch.len() as u64;
-            // Every key from the first change to where the run stopped (the next key of
-            // `events`, or past every change key at its end) was just put into `changes`.
-            let end = iterator.key().map_or_else(|| CHANGES_END.to_vec(), <[u8]>::to_vec);
-            batch.delete_range_cf(events, &keys::change(0)[..], &end[..]);
+            // Every key from `start` to where the run stopped (the first key left, or `end`)
+            // was just put into `to`.
+            let stop = iterator.key().filter(|key| *key < end).map_or_else(|| end.to_vec(), <[u8]>::to_vec);
+            batch.delete_range_cf(events, start, &stop[..]);
             self.db.write(batch)?;
         }
     }
@@ -658,7 +678,7 @@ mod tests {
         // move batch holds), with the first three already in `changes` as a conversion cut
         // short by a crash would leave them; mark it format 4, reopen twice.
         let dir = tempfile::tempdir().unwrap();
-        let count = CHANGES_MOVED_PER_BATCH as u64 + 5;
+        let count = MOVED_PER_BATCH as u64 + 5;
         {
             let (store, _) = Store::open(dir.path(), &StoreOptions::default()).unwrap();
             let mut batch = rocksdb::WriteBatch::default();
@@ -721,6 +741,51 @@ mod tests {
         let (store, _) = Store::open(dir.path(), &StoreOptions::default()).unwrap();
         assert_eq!(keys_of(&store, Cf::Events), Vec::<Vec<u8>>::new());
         assert_eq!(keys_of(&store, Cf::Changes).len(), 5);
+    }
+
+    #[test]
+    fn a_format_5_store_moves_its_order_history_to_its_own_column_family_once() {
+        // Goal: a store written by a format-5 build (each order's history index in `events`,
+        // beside the audit events) opens with the index in `order_history`, only audit events
+        // left in `events`, every order's history readable and format 6 recorded; opening it
+        // again changes nothing. Method: write that layout through the store's RocksDB handle,
+        // with nothing after the index in `events`; mark it format 5; reopen twice.
+        let dir = tempfile::tempdir().unwrap();
+        let orders = ["o-1", "o-2", "o-1"];
+        {
+            let (store, _) = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+            let mut batch = rocksdb::WriteBatch::default();
+            for (index, order_id) in orders.iter().enumerate() {
+                let sequence = index as u64 + 1;
+                let event = AuditEvent { sequence, order_id: (*order_id).into(), ..AuditEvent::default() };
+                let record = records::encode(Kind::Audit, &AuditRecord::from_event(&event));
+                batch.put_cf(store.cf(Cf::Events), keys::audit(sequence), record);
+                batch.put_cf(store.cf(Cf::Events), keys::order_history(order_id, sequence), []);
+            }
+            for (key, value) in [(keys::META_LAST_AUDIT_SEQUENCE, 3), (keys::META_FORMAT_VERSION, 5)] {
+                batch.put_cf(
+                    store.cf(Cf::Meta),
+                    key,
+                    records::encode(Kind::Counter, &CounterRecord { value }),
+                );
+            }
+            store.db.write(batch).unwrap();
+            store.flush().unwrap();
+        }
+        for _ in 0..2 {
+            let (store, _) = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+            assert_eq!(counter(&store, keys::META_FORMAT_VERSION), Some(STORE_FORMAT_VERSION));
+            assert_eq!(
+                keys_of(&store, Cf::Events),
+                (1..=3).map(|sequence| keys::audit(sequence).to_vec()).collect::<Vec<_>>()
+            );
+            assert_eq!(keys_of(&store, Cf::OrderHistory).len(), 3);
+            let sequences = |order_id| -> Vec<u64> {
+                store.read_order_history(order_id, 10).unwrap().iter().map(|event| event.sequence).collect()
+            };
+            assert_eq!(sequences("o-1"), vec![1, 3]);
+            assert_eq!(sequences("o-2"), vec![2]);
+        }
     }
 
     #[test]

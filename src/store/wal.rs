@@ -293,6 +293,8 @@ fn commit_loop(
             }
         }
         let audit_before = audit_sequence;
+        // Audit events older than this are no longer kept: their files go after this commit.
+        let mut events_trimmed = None;
         for mutation in &mut batch {
             for mut event in mutation.audit.drain(..) {
                 audit_sequence += 1;
@@ -303,22 +305,20 @@ fn commit_loop(
             }
         }
         for event in events.iter().filter(|event| !event.order_id.is_empty()) {
-            write_batch.put(Cf::Events, &keys::order_history(&event.order_id, event.sequence), &[]);
+            write_batch.put(Cf::OrderHistory, &keys::order_history(&event.order_id, event.sequence), &[]);
         }
         if audit_sequence != audit_before {
             let record = CounterRecord { value: audit_sequence };
             write_batch.put_record(Cf::Meta, keys::META_LAST_AUDIT_SEQUENCE, Kind::Counter, &record);
-            // Bounded history, trimmed in steps like the changes. An order's history keys
-            // of trimmed events stay behind and are skipped when read.
+            // Bounded history, trimmed in steps and in whole files like the changes (below).
+            // An order's history keys of trimmed events stay behind and are skipped when read.
             let keep_from = audit_sequence.saturating_sub(options.event_retention) + 1;
             if keep_from > events_trimmed_below + options.event_retention / 8 + 1 {
-                write_batch.delete_range(
-                    Cf::Events,
-                    &keys::audit(events_trimmed_below),
-                    &keys::audit(keep_from),
-                );
+                let record = CounterRecord { value: keep_from };
+                write_batch.put_record(Cf::Meta, keys::META_FIRST_AUDIT_SEQUENCE, Kind::Counter, &record);
                 events_trimmed_below = keep_from;
                 store.set_first_event_sequence(keep_from);
+                events_trimmed = Some(keep_from);
             }
         }
         // Changes older than this are no longer kept: their files go after this commit.
@@ -328,7 +328,7 @@ fn commit_loop(
             write_batch.put_record(Cf::Meta, keys::META_LAST_SEQUENCE, Kind::Counter, &record);
             // Bounded history: changes older than the retention are dropped in steps. The
             // oldest one kept is recorded here; the files that hold only older ones are then
-            // deleted whole (`Store::drop_changes_before`). A range delete would do it in this
+            // deleted whole (`Store::drop_files_before`). A range delete would do it in this
             // batch, but the flushed file holding its tombstone would span from the oldest
             // change to the newest, and RocksDB would rewrite every retained change in the next
             // compaction, once per trim.
@@ -382,7 +382,10 @@ fn commit_loop(
             publisher(published, events);
         }
         if let Some(keep_from) = changes_trimmed {
-            store.drop_changes_before(keep_from);
+            store.drop_files_before(Cf::Changes, &keys::change(0), keep_from, keys::change);
+        }
+        if let Some(keep_from) = events_trimmed {
+            store.drop_files_before(Cf::Events, &keys::audit(0), keep_from, keys::audit);
         }
         if stopping {
             tracing::info!(last_sequence = sequence, "commit thread stopped");
@@ -428,15 +431,16 @@ mod tests {
     }
 
     #[test]
-    fn trimmed_changes_go_in_whole_files_and_the_kept_ones_are_never_rewritten() {
-        // Goal: with change_retention = 1,000 the changes family keeps every change from
-        // first_sequence on (also across a restart); the files that hold only older changes
-        // are deleted whole; and no trim makes RocksDB rewrite the kept ones (a range delete
-        // did: its tombstone made the next flushed file span every older change, so each
-        // compaction merged them all). Method: 21 commits of 500 changes, RocksDB flushed
-        // after each (one file each) and left to finish its compactions before the last one;
-        // then every file of the family must still be one commit's file, exactly as flushed,
-        // and only the newest few may remain.
+    fn trimmed_changes_and_events_go_in_whole_files_and_the_kept_ones_are_never_rewritten() {
+        // Goal: with change_retention and event_retention = 1,000, the changes and the audit
+        // events are each kept from their first sequence on (also across a restart); the files
+        // that hold only older ones are deleted whole; and no trim makes RocksDB rewrite the
+        // kept ones (a range delete did: its tombstone made the next flushed file span every
+        // older entry, so each compaction merged them all); an order's history lists only
+        // kept events. Method: 21 commits of 500 changes and 500 audit events (the first about
+        // an order), RocksDB flushed after each (one file each) and left to finish its
+        // compactions before the last one; then every file of both families must still be one
+        // commit's flush, exactly as flushed, and only the newest few may remain.
         const ROUND: u64 = 500;
         const ROUNDS: u64 = 21;
         let dir = tempfile::tempdir().unwrap();
@@ -461,6 +465,13 @@ mod tests {
             }
             let slot = wal.try_slot().unwrap();
             let mut mutation = Mutation {
+                // As many audit events, the first of each commit about an order.
+                audit: (0..ROUND)
+                    .map(|n| AuditEvent {
+                        order_id: if n == 0 { format!("o-{round}") } else { String::new() },
+                        ..AuditEvent::default()
+                    })
+                    .collect(),
                 changes: (0..ROUND)
                     .map(|n| AvailabilityChange {
                         sku: crate::domain::Sku::parse(&format!("SKU-{n}")).unwrap(),
@@ -475,38 +486,63 @@ mod tests {
             let ack = mutation.acknowledged();
             wal.submit(slot, mutation);
             ack.blocking_recv().unwrap();
-            store.flush().unwrap();
+            // Not after the last commit: its flush could move files of level 0 down after the
+            // trim that commit made (a file trimmed then, still in level 0, may stay).
+            if round < ROUNDS - 1 {
+                store.flush().unwrap();
+            }
         }
+        // The commit thread deletes the trimmed files after it acknowledges the commit: one
+        // more (empty) commit comes after that.
+        commit_one(&wal);
         let last = ROUND * ROUNDS;
         let keep_from = store.first_sequence();
-        assert!((last - 1_000 + 1..=last - 1_000 + 1 + 1_000 / 8 + 1).contains(&keep_from), "{keep_from}");
-        let files: Vec<_> = store
-            .db()
-            .live_files()
-            .unwrap()
-            .into_iter()
-            .filter(|file| file.column_family_name == "changes")
-            .collect();
-        for file in &files {
-            let first = keys::change_sequence(file.start_key.as_deref().unwrap()).unwrap();
-            let newest = keys::change_sequence(file.end_key.as_deref().unwrap()).unwrap();
+        let events_keep_from = store.first_event_sequence();
+        for (family, kept_from, sequence_of) in [
+            (Cf::Changes, keep_from, keys::change_sequence as fn(&[u8]) -> Option<u64>),
+            (Cf::Events, events_keep_from, keys::audit_sequence),
+        ] {
             assert!(
-                first % ROUND == 1 && newest == first + ROUND - 1 && file.num_entries == ROUND,
-                "a file of the changes family is not one commit's flush: {file:?}"
+                (last - 1_000 + 1..=last - 1_000 + 1 + 1_000 / 8 + 1).contains(&kept_from),
+                "{kept_from}"
             );
-            assert!(newest >= keep_from || file.level == 0, "a file of trimmed changes stayed: {file:?}");
+            let files: Vec<_> = store
+                .db()
+                .live_files()
+                .unwrap()
+                .into_iter()
+                .filter(|file| file.column_family_name == family.name())
+                .collect();
+            for file in &files {
+                let first = sequence_of(file.start_key.as_deref().unwrap()).unwrap();
+                let newest = sequence_of(file.end_key.as_deref().unwrap()).unwrap();
+                assert!(
+                    first % ROUND == 1 && newest == first + ROUND - 1 && file.num_entries == ROUND,
+                    "a file of {family:?} is not one commit's flush: {file:?}"
+                );
+                assert!(newest >= kept_from || file.level == 0, "a file of trimmed entries stayed: {file:?}");
+            }
+            // The kept ones, plus at most the files still in level 0 (compacted after the trim).
+            let held: u64 = files.iter().map(|file| file.num_entries).sum();
+            assert!(held <= 1_000 + 4 * ROUND, "{family:?}: {held} entries on disk, {} files", files.len());
         }
-        // The kept ones, plus at most the files still in level 0 (compacted after the trim).
-        let held: u64 = files.iter().map(|file| file.num_entries).sum();
-        assert!(held <= 1_000 + 4 * ROUND, "{held} changes on disk, {} files", files.len());
         let kept = store.read_changes(keep_from, 10_000).unwrap();
         assert_eq!(kept.len() as u64, last - keep_from + 1);
         assert!(kept.iter().zip(keep_from..).all(|(change, sequence)| change.sequence == sequence));
+        let events = store.read_audit(events_keep_from, 10_000).unwrap();
+        assert_eq!(events.len() as u64, last - events_keep_from + 1);
+        assert!(events.iter().zip(events_keep_from..).all(|(event, sequence)| event.sequence == sequence));
+        // An order's history lists its kept events only.
+        let newest_order = format!("o-{}", ROUNDS - 1);
+        let history = store.read_order_history(&newest_order, 10).unwrap();
+        assert_eq!(history.iter().map(|event| event.sequence).collect::<Vec<_>>(), vec![last - ROUND + 1]);
+        assert!(store.read_order_history("o-0", 10).unwrap().is_empty(), "a trimmed event in a history");
         wal.stop();
         thread.join().unwrap();
         drop(store);
         let (store, recovered) = Store::open(dir.path(), &StoreOptions::default()).unwrap();
         assert_eq!((store.first_sequence(), recovered.last_sequence), (keep_from, last));
+        assert_eq!(store.first_event_sequence(), events_keep_from);
     }
 
     #[test]
