@@ -665,6 +665,17 @@ mod tests {
         store.counter(key).unwrap()
     }
 
+    /// Writes `batch` (an older build's layout, made by hand) with the meta `counters`, and
+    /// flushes it.
+    fn write_with_counters(store: &Store, mut batch: rocksdb::WriteBatch, counters: &[(&[u8], u64)]) {
+        for (key, value) in counters {
+            let record = records::encode(Kind::Counter, &CounterRecord { value: *value });
+            batch.put_cf(store.cf(Cf::Meta), key, record);
+        }
+        store.db.write(batch).unwrap();
+        store.flush().unwrap();
+    }
+
     fn keys_of(store: &Store, cf: Cf) -> Vec<Vec<u8>> {
         store.db.iterator_cf(store.cf(cf), IteratorMode::Start).map(|item| item.unwrap().0.to_vec()).collect()
     }
@@ -690,19 +701,15 @@ mod tests {
             let event = AuditEvent { sequence: 1, ..AuditEvent::default() };
             let record = records::encode(Kind::Audit, &AuditRecord::from_event(&event));
             batch.put_cf(store.cf(Cf::Events), keys::audit(1), record);
-            for (key, value) in [
-                (keys::META_LAST_SEQUENCE, count),
-                (keys::META_LAST_AUDIT_SEQUENCE, 1),
-                (keys::META_FORMAT_VERSION, 4),
-            ] {
-                batch.put_cf(
-                    store.cf(Cf::Meta),
-                    key,
-                    records::encode(Kind::Counter, &CounterRecord { value }),
-                );
-            }
-            store.db.write(batch).unwrap();
-            store.flush().unwrap();
+            write_with_counters(
+                &store,
+                batch,
+                &[
+                    (keys::META_LAST_SEQUENCE, count),
+                    (keys::META_LAST_AUDIT_SEQUENCE, 1),
+                    (keys::META_FORMAT_VERSION, 4),
+                ],
+            );
         }
         for _ in 0..2 {
             let (store, recovered) = Store::open(dir.path(), &StoreOptions::default()).unwrap();
@@ -733,10 +740,7 @@ mod tests {
                 let record = records::encode(Kind::Change, &ChangeRecord::from_change(&change(sequence)));
                 batch.put_cf(store.cf(Cf::Events), keys::change(sequence), record);
             }
-            let version = records::encode(Kind::Counter, &CounterRecord { value: 4 });
-            batch.put_cf(store.cf(Cf::Meta), keys::META_FORMAT_VERSION, version);
-            store.db.write(batch).unwrap();
-            store.flush().unwrap();
+            write_with_counters(&store, batch, &[(keys::META_FORMAT_VERSION, 4)]);
         }
         let (store, _) = Store::open(dir.path(), &StoreOptions::default()).unwrap();
         assert_eq!(keys_of(&store, Cf::Events), Vec::<Vec<u8>>::new());
@@ -762,15 +766,11 @@ mod tests {
                 batch.put_cf(store.cf(Cf::Events), keys::audit(sequence), record);
                 batch.put_cf(store.cf(Cf::Events), keys::order_history(order_id, sequence), []);
             }
-            for (key, value) in [(keys::META_LAST_AUDIT_SEQUENCE, 3), (keys::META_FORMAT_VERSION, 5)] {
-                batch.put_cf(
-                    store.cf(Cf::Meta),
-                    key,
-                    records::encode(Kind::Counter, &CounterRecord { value }),
-                );
-            }
-            store.db.write(batch).unwrap();
-            store.flush().unwrap();
+            write_with_counters(
+                &store,
+                batch,
+                &[(keys::META_LAST_AUDIT_SEQUENCE, 3), (keys::META_FORMAT_VERSION, 5)],
+            );
         }
         for _ in 0..2 {
             let (store, _) = Store::open(dir.path(), &StoreOptions::default()).unwrap();
