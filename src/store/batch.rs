@@ -28,14 +28,13 @@ const OP_DELETE: u8 = 1;
 pub struct Layout {
     put: Vec<Vec<u8>>,
     delete: Vec<Vec<u8>>,
-    delete_range: Vec<Vec<u8>>,
 }
 
 impl Layout {
     /// Learns each record head from a batch RocksDB builds with its own calls.
     pub fn probe(handles: &[&ColumnFamily; Cf::ALL.len()]) -> Layout {
-        // What follows the head: the key "k" and, for a put or a range, the value (or end) "v",
-        // each as a varint32 length and the bytes.
+        // What follows the head: the key "k" and, for a put, the value "v", each as a varint32
+        // length and the bytes.
         let head = |batch: WriteBatch, tail: &[u8]| {
             let data = batch.data();
             assert!(
@@ -46,7 +45,7 @@ impl Layout {
             );
             data[HEADER_BYTES..data.len() - tail.len()].to_vec()
         };
-        let (mut put, mut delete, mut delete_range) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut put, mut delete) = (Vec::new(), Vec::new());
         for handle in handles {
             let mut batch = WriteBatch::default();
             batch.put_cf(handle, b"k", b"v");
@@ -54,11 +53,8 @@ impl Layout {
             let mut batch = WriteBatch::default();
             batch.delete_cf(handle, b"k");
             delete.push(head(batch, b"\x01k"));
-            let mut batch = WriteBatch::default();
-            batch.delete_range_cf(handle, b"k", b"v");
-            delete_range.push(head(batch, b"\x01k\x01v"));
         }
-        Layout { put, delete, delete_range }
+        Layout { put, delete }
     }
 }
 
@@ -153,14 +149,6 @@ impl<'a> BatchBuilder<'a> {
         self.count += 1;
     }
 
-    /// Deletes the keys in `[begin, end)`.
-    pub fn delete_range(&mut self, cf: Cf, begin: &[u8], end: &[u8]) {
-        self.rep.extend_from_slice(&self.layout.delete_range[cf as usize]);
-        put_slice(&mut self.rep, begin);
-        put_slice(&mut self.rep, end);
-        self.count += 1;
-    }
-
     /// The batch's bytes, its record count in the header.
     pub fn finish(mut self) -> Vec<u8> {
         self.rep[8..HEADER_BYTES].copy_from_slice(&self.count.to_le_bytes());
@@ -203,7 +191,7 @@ mod tests {
         // Goal: a batch built here is exactly RocksDB's own, for every column family and
         // operation, with keys and values around each varint length boundary.
         // Method: the same operations through `Ops`/`BatchBuilder` and through WriteBatch's
-        // put_cf, delete_cf and delete_range_cf; compare the bytes.
+        // put_cf and delete_cf; compare the bytes.
         let dir = tempfile::tempdir().unwrap();
         let (store, _) = Store::open(dir.path(), &StoreOptions::default()).unwrap();
         let handles = Cf::ALL.map(|cf| store.cf(cf));
@@ -226,12 +214,6 @@ mod tests {
             builder.append(&ops);
             builder.put(Cf::Meta, b"meta", &vec![7; length]);
             expected.put_cf(store.cf(Cf::Meta), b"meta", vec![7; length]);
-            builder.delete_range(Cf::Events, b"a", &vec![b'b'; length + 1]);
-            expected.delete_range_cf(
-                store.cf(Cf::Events),
-                b"a".as_slice(),
-                vec![b'b'; length + 1].as_slice(),
-            );
             let record = CounterRecord { value: round as u64 };
             builder.put_record(Cf::Events, b"e", Kind::Counter, &record);
             expected.put_cf(store.cf(Cf::Events), b"e", records::encode(Kind::Counter, &record));

@@ -306,24 +306,18 @@ impl Store {
         self.first_event_sequence.store(sequence, Ordering::Release);
     }
 
-    /// Deletes the files of `cf` (the changes or the audit events) that hold only entries
-    /// older than `keep_from`, their keys `key(sequence)` from `first_key` on (no longer kept:
+    /// Deletes the files of `cf` (the changes or the audit events, keyed `key(sequence)`) that
+    /// hold only entries older than `keep_from` (no longer kept:
     /// the first sequence kept, in memory and in meta, is at least `keep_from`). Files that
     /// also hold kept entries stay, and so do files still in level 0, until a later trim;
     /// what they hold is older than the first sequence kept and never served. No tombstone is
     /// written, so the newer files never overlap the older ones and move down the levels
     /// without being rewritten. A failure leaves the files for the next trim: it costs disk
     /// space, not correctness.
-    pub(super) fn drop_files_before(
-        &self,
-        cf: Cf,
-        first_key: &[u8],
-        keep_from: u64,
-        key: fn(u64) -> [u8; 9],
-    ) {
+    pub(super) fn drop_files_before(&self, cf: Cf, keep_from: u64, key: fn(u64) -> [u8; 9]) {
         let Some(last_dropped) = keep_from.checked_sub(1).filter(|last| *last > 0) else { return };
         // Both ends are included: a file whose newest entry is `last_dropped` goes.
-        if let Err(error) = self.db.delete_file_in_range_cf(self.cf(cf), first_key, &key(last_dropped)[..]) {
+        if let Err(error) = self.db.delete_file_in_range_cf(self.cf(cf), key(0), key(last_dropped)) {
             tracing::warn!(%error, cf = cf.name(), keep_from, "could not delete the files of trimmed entries");
         }
     }
@@ -493,7 +487,7 @@ impl Store {
             None => 1,
         };
         // Trimmed changes may still be on disk (their files go whole, see
-        // `drop_changes_before`): the oldest one kept is recorded.
+        // `drop_files_before`): the oldest one kept is recorded.
         let first_sequence = first_sequence.max(self.counter(keys::META_FIRST_SEQUENCE)?.unwrap_or(1));
         let last_sequence = self.counter(keys::META_LAST_SEQUENCE)?.unwrap_or(0);
         self.recovered_last_audit_sequence = self.counter(keys::META_LAST_AUDIT_SEQUENCE)?.unwrap_or(0);
@@ -684,7 +678,8 @@ mod tests {
     fn a_format_4_store_moves_its_changes_to_their_own_column_family_once() {
         // Goal: a store written by a format-4 build (its changes in `events`, beside the audit
         // events) opens with every change readable from `changes`, none left in `events`, the
-        // audit events untouched and format 5 recorded; opening it again changes nothing.
+        // audit events untouched and the current format recorded; opening it again changes
+        // nothing.
         // Method: write that layout through the store's RocksDB handle (more changes than one
         // move batch holds), with the first three already in `changes` as a conversion cut
         // short by a crash would leave them; mark it format 4, reopen twice.

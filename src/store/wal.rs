@@ -244,8 +244,13 @@ fn commit_loop(
     write_options.disable_wal(true);
     let mut sequence = last_sequence.load(Ordering::Acquire);
     let mut audit_sequence = store.recovered_last_audit_sequence();
-    let mut trimmed_below = store.recovered_first_sequence();
-    let mut events_trimmed_below = store.first_event_sequence();
+    let mut change_history =
+        Retention::new(options.change_retention, store.recovered_first_sequence(), keys::META_FIRST_SEQUENCE);
+    let mut event_history = Retention::new(
+        options.event_retention,
+        store.first_event_sequence(),
+        keys::META_FIRST_AUDIT_SEQUENCE,
+    );
     let mut reservation_id_high = 0u64;
     let mut reservation_id_written = 0u64;
     let mut batch: Vec<Mutation> = Vec::with_capacity(options.batch_len_max);
@@ -310,15 +315,11 @@ fn commit_loop(
         if audit_sequence != audit_before {
             let record = CounterRecord { value: audit_sequence };
             write_batch.put_record(Cf::Meta, keys::META_LAST_AUDIT_SEQUENCE, Kind::Counter, &record);
-            // Bounded history, trimmed in steps and in whole files like the changes (below).
-            // An order's history keys of trimmed events stay behind and are skipped when read.
-            let keep_from = audit_sequence.saturating_sub(options.event_retention) + 1;
-            if keep_from > events_trimmed_below + options.event_retention / 8 + 1 {
-                let record = CounterRecord { value: keep_from };
-                write_batch.put_record(Cf::Meta, keys::META_FIRST_AUDIT_SEQUENCE, Kind::Counter, &record);
-                events_trimmed_below = keep_from;
+            // Bounded history, trimmed like the changes (below). An order's history keys of
+            // trimmed events stay behind and are skipped when read.
+            events_trimmed = event_history.trim(audit_sequence, &mut write_batch);
+            if let Some(keep_from) = events_trimmed {
                 store.set_first_event_sequence(keep_from);
-                events_trimmed = Some(keep_from);
             }
         }
         // Changes older than this are no longer kept: their files go after this commit.
@@ -326,19 +327,10 @@ fn commit_loop(
         if !published.is_empty() {
             let record = CounterRecord { value: sequence };
             write_batch.put_record(Cf::Meta, keys::META_LAST_SEQUENCE, Kind::Counter, &record);
-            // Bounded history: changes older than the retention are dropped in steps. The
-            // oldest one kept is recorded here; the files that hold only older ones are then
-            // deleted whole (`Store::drop_files_before`). A range delete would do it in this
-            // batch, but the flushed file holding its tombstone would span from the oldest
-            // change to the newest, and RocksDB would rewrite every retained change in the next
-            // compaction, once per trim.
-            let keep_from = sequence.saturating_sub(options.change_retention) + 1;
-            if keep_from > trimmed_below + options.change_retention / 8 + 1 {
-                let record = CounterRecord { value: keep_from };
-                write_batch.put_record(Cf::Meta, keys::META_FIRST_SEQUENCE, Kind::Counter, &record);
-                trimmed_below = keep_from;
+            // Bounded history (see `Retention`).
+            changes_trimmed = change_history.trim(sequence, &mut write_batch);
+            if let Some(keep_from) = changes_trimmed {
                 store.set_first_sequence(keep_from);
-                changes_trimmed = Some(keep_from);
             }
         }
         if reservation_id_high > reservation_id_written {
@@ -382,15 +374,45 @@ fn commit_loop(
             publisher(published, events);
         }
         if let Some(keep_from) = changes_trimmed {
-            store.drop_files_before(Cf::Changes, &keys::change(0), keep_from, keys::change);
+            store.drop_files_before(Cf::Changes, keep_from, keys::change);
         }
         if let Some(keep_from) = events_trimmed {
-            store.drop_files_before(Cf::Events, &keys::audit(0), keep_from, keys::audit);
+            store.drop_files_before(Cf::Events, keep_from, keys::audit);
         }
         if stopping {
             tracing::info!(last_sequence = sequence, "commit thread stopped");
             return;
         }
+    }
+}
+
+/// The retained history of one sequence (the changes, or the audit events): its entries older
+/// than the newest `retention` are dropped in steps of an eighth of it. The oldest one kept is
+/// recorded in meta (`meta_key`), and the commit thread then deletes the files that hold only
+/// older ones whole (`Store::drop_files_before`). A range delete would do it in the commit's
+/// batch, but the flushed file holding its tombstone would span from the oldest entry to the
+/// newest, and RocksDB would rewrite every retained entry at the next compaction, once per trim.
+struct Retention {
+    retention: u64,
+    trimmed_below: u64,
+    meta_key: &'static [u8],
+}
+
+impl Retention {
+    fn new(retention: u64, first_kept: u64, meta_key: &'static [u8]) -> Self {
+        Self { retention, trimmed_below: first_kept, meta_key }
+    }
+
+    /// After the sequence reached `newest`: the new oldest sequence kept, recorded in
+    /// `write_batch`, when a trim is due.
+    fn trim(&mut self, newest: u64, write_batch: &mut BatchBuilder<'_>) -> Option<u64> {
+        let keep_from = newest.saturating_sub(self.retention) + 1;
+        if keep_from <= self.trimmed_below + self.retention / 8 + 1 {
+            return None;
+        }
+        write_batch.put_record(Cf::Meta, self.meta_key, Kind::Counter, &CounterRecord { value: keep_from });
+        self.trimmed_below = keep_from;
+        Some(keep_from)
     }
 }
 
