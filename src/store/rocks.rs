@@ -1,6 +1,8 @@
 //! Opening the RocksDB store and recovering the full state from it.
 
+use std::ffi::CStr;
 use std::path::Path;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
@@ -80,6 +82,10 @@ pub struct Store {
     first_sequence: AtomicU64,
     /// Oldest event still on disk.
     first_event_sequence: AtomicU64,
+    /// The oldest event kept, as far as the meta on disk says (`first_event_sequence` moves
+    /// ahead of it while a trim's commit is being written): the order history's compaction
+    /// filter drops the keys of older events (`HistoryTrim`).
+    history_kept_from: Arc<AtomicU64>,
     recovered_last_sequence: u64,
     recovered_last_audit_sequence: u64,
 }
@@ -122,6 +128,50 @@ pub struct RecoveredOrders {
 /// call p99 from 14.0-16.0 to 12.1-13.0 ms (three interleaved pairs).
 const BYTES_PER_SYNC: u64 = 1024 * 1024;
 
+/// Files of the order history older than this are compacted again (see `HistoryTrim`).
+const HISTORY_RECOMPACTED_AFTER_SECONDS: u64 = 24 * 60 * 60;
+
+/// The order history's compaction filter: an order's history key (`h` + order id + 0x00 +
+/// sequence) whose event was trimmed from the log goes when its file is compacted. Reads skip
+/// such keys anyway (`read_order_history`); without this they would stay on disk forever,
+/// one per order event ever written. Each compaction takes the bound as it was when it
+/// started.
+struct HistoryTrim {
+    kept_from: Arc<AtomicU64>,
+}
+
+struct HistoryTrimFilter {
+    kept_from: u64,
+}
+
+impl rocksdb::compaction_filter_factory::CompactionFilterFactory for HistoryTrim {
+    type Filter = HistoryTrimFilter;
+
+    fn create(
+        &mut self,
+        _: rocksdb::compaction_filter_factory::CompactionFilterContext,
+    ) -> HistoryTrimFilter {
+        HistoryTrimFilter { kept_from: self.kept_from.load(Ordering::Acquire) }
+    }
+
+    fn name(&self) -> &CStr {
+        c"allot-order-history-trim"
+    }
+}
+
+impl rocksdb::compaction_filter::CompactionFilter for HistoryTrimFilter {
+    fn filter(&mut self, _level: u32, key: &[u8], _value: &[u8]) -> rocksdb::compaction_filter::Decision {
+        match keys::order_history_sequence(key) {
+            Some(sequence) if sequence < self.kept_from => rocksdb::compaction_filter::Decision::Remove,
+            _ => rocksdb::compaction_filter::Decision::Keep,
+        }
+    }
+
+    fn name(&self) -> &CStr {
+        c"allot-order-history-trim"
+    }
+}
+
 impl Store {
     /// Opens (or creates) the store and reads back the whole state.
     pub fn open(path: &Path, options: &StoreOptions) -> Result<(Store, Recovered), StoreError> {
@@ -146,6 +196,8 @@ impl Store {
         // flush must take all column families at once, so that what is on disk is always the
         // result of a prefix of the journal, named by its `journal_seq`.
         db_options.set_atomic_flush(true);
+        // 0 until start-up reads the first event kept: no compaction drops anything before.
+        let history_kept_from = Arc::new(AtomicU64::new(0));
         let descriptors = Cf::ALL.iter().map(|cf| {
             let mut cf_options = Options::default();
             cf_options.set_compression_type(DBCompressionType::Lz4);
@@ -159,6 +211,14 @@ impl Store {
             if cf.read_only_at_start_up() && *cf != Cf::Reservations {
                 cf_options.set_memtable_factory(rocksdb::MemtableFactory::Vector);
             }
+            if *cf == Cf::OrderHistory {
+                cf_options
+                    .set_compaction_filter_factory(HistoryTrim { kept_from: history_kept_from.clone() });
+                // An order's keys are spread over the whole key range, and a file of finished
+                // orders may never be compacted again on its own: each file is rewritten (and
+                // its trimmed keys dropped) at least once a day.
+                cf_options.set_periodic_compaction_seconds(HISTORY_RECOMPACTED_AFTER_SECONDS);
+            }
             ColumnFamilyDescriptor::new(cf.name(), cf_options)
         });
         let db = DB::open_cf_descriptors(&db_options, path, descriptors)?;
@@ -167,6 +227,7 @@ impl Store {
             journal: parking_lot::Mutex::new(None),
             first_sequence: AtomicU64::new(1),
             first_event_sequence: AtomicU64::new(1),
+            history_kept_from,
             recovered_last_sequence: 0,
             recovered_last_audit_sequence: 0,
         };
@@ -304,6 +365,12 @@ impl Store {
 
     pub(super) fn set_first_event_sequence(&self, sequence: u64) {
         self.first_event_sequence.store(sequence, Ordering::Release);
+    }
+
+    /// The meta saying that the events from `sequence` on are kept is durable: compactions of
+    /// the order history may now drop the keys of older events.
+    pub(super) fn set_history_kept_from(&self, sequence: u64) {
+        self.history_kept_from.fetch_max(sequence, Ordering::AcqRel);
     }
 
     /// Deletes the files of `cf` (the changes or the audit events, keyed `key(sequence)`) that
@@ -502,8 +569,9 @@ impl Store {
         let first_event = first_event
             .unwrap_or(self.recovered_last_audit_sequence + 1)
             .max(self.counter(keys::META_FIRST_AUDIT_SEQUENCE)?.unwrap_or(1));
-        self.first_event_sequence
-            .store(first_event.min(self.recovered_last_audit_sequence + 1), Ordering::Release);
+        let first_event = first_event.min(self.recovered_last_audit_sequence + 1);
+        self.first_event_sequence.store(first_event, Ordering::Release);
+        self.set_history_kept_from(first_event);
         self.first_sequence.store(first_sequence.min(last_sequence + 1), Ordering::Release);
         self.recovered_last_sequence = last_sequence;
         recovered.last_sequence = last_sequence;

@@ -316,7 +316,7 @@ fn commit_loop(
             let record = CounterRecord { value: audit_sequence };
             write_batch.put_record(Cf::Meta, keys::META_LAST_AUDIT_SEQUENCE, Kind::Counter, &record);
             // Bounded history, trimmed like the changes (below). An order's history keys of
-            // trimmed events stay behind and are skipped when read.
+            // trimmed events are skipped when read and dropped by compactions (`HistoryTrim`).
             events_trimmed = event_history.trim(audit_sequence, &mut write_batch);
             if let Some(keep_from) = events_trimmed {
                 store.set_first_event_sequence(keep_from);
@@ -377,6 +377,8 @@ fn commit_loop(
             store.drop_files_before(Cf::Changes, keep_from, keys::change);
         }
         if let Some(keep_from) = events_trimmed {
+            // Durable now: the order history's compactions may drop the older events' keys.
+            store.set_history_kept_from(keep_from);
             store.drop_files_before(Cf::Events, keep_from, keys::audit);
         }
         if stopping {
@@ -565,6 +567,91 @@ mod tests {
         let (store, recovered) = Store::open(dir.path(), &StoreOptions::default()).unwrap();
         assert_eq!((store.first_sequence(), recovered.last_sequence), (keep_from, last));
         assert_eq!(store.first_event_sequence(), events_keep_from);
+    }
+
+    #[test]
+    fn an_orders_history_keys_of_trimmed_events_go_when_their_files_are_compacted() {
+        // Goal: the order history index does not keep a key for every order event ever
+        // written. A compaction drops the keys of the events trimmed from the log (at
+        // event_retention), both while the commit thread trims and after a restart, and keeps
+        // every other; each order's history then lists exactly its kept events. Method: commits
+        // of 500 events, each about one of 40 orders in turn (every order has old and new
+        // events), at a retention of 1,000, RocksDB flushed after each; then a full compaction
+        // of order_history. Twice: after 12 commits while the commit thread runs, and after 6
+        // more and a restart.
+        const ROUND: u64 = 500;
+        const ORDERS: u64 = 40;
+        let order_of = |sequence: u64| format!("o-{}", sequence % ORDERS);
+        let dir = tempfile::tempdir().unwrap();
+        let history_keys = |store: &Store| -> Vec<u64> {
+            let iterator = store.db().iterator_cf(store.cf(Cf::OrderHistory), rocksdb::IteratorMode::Start);
+            iterator.map(|item| keys::order_history_sequence(&item.unwrap().0).unwrap()).collect()
+        };
+        let compact_and_check = |store: &Store, last: u64| {
+            store.db().compact_range_cf(store.cf(Cf::OrderHistory), None::<&[u8]>, None::<&[u8]>);
+            let kept_from = store.first_event_sequence();
+            assert!(
+                (last - 1_000 + 1..=last - 1_000 + 1 + 1_000 / 8 + 1).contains(&kept_from),
+                "{kept_from}"
+            );
+            let mut left = history_keys(store);
+            left.sort_unstable();
+            assert!(
+                left.iter().copied().eq(kept_from..=last),
+                "events kept from {kept_from} to {last}: {} history keys left, from {:?} to {:?}",
+                left.len(),
+                left.first(),
+                left.last()
+            );
+            for order in 0..ORDERS {
+                let history = store.read_order_history(&format!("o-{order}"), 1_000).unwrap();
+                let expected: Vec<u64> =
+                    (kept_from..=last).filter(|sequence| sequence % ORDERS == order).collect();
+                assert_eq!(history.iter().map(|event| event.sequence).collect::<Vec<_>>(), expected);
+            }
+        };
+        let run = |store: &Arc<Store>, rounds: u64| {
+            let options = WalOptions {
+                durability: Durability::Buffered,
+                queue_len_max: 16,
+                batch_len_max: 16,
+                commit_interval: Duration::ZERO,
+                change_retention: 1_000,
+                event_retention: 1_000,
+                disk_guard: None,
+            };
+            let (wal, thread) = start(store.clone(), options, Box::new(|_, _| {}));
+            for _ in 0..rounds {
+                let first = wal.last_event_sequence() + 1;
+                let slot = wal.try_slot().unwrap();
+                let mut mutation = Mutation {
+                    audit: (first..first + ROUND)
+                        .map(|sequence| AuditEvent { order_id: order_of(sequence), ..AuditEvent::default() })
+                        .collect(),
+                    ..Mutation::default()
+                };
+                let ack = mutation.acknowledged();
+                wal.submit(slot, mutation);
+                ack.blocking_recv().unwrap();
+                store.flush().unwrap();
+            }
+            (wal, thread)
+        };
+        let open = || Arc::new(Store::open(dir.path(), &StoreOptions::default()).unwrap().0);
+        let store = open();
+        let (wal, thread) = run(&store, 12);
+        compact_and_check(&store, 12 * ROUND);
+        wal.stop();
+        thread.join().unwrap();
+        drop(store);
+        // The commit thread starts once per opened store.
+        let store = open();
+        let (wal, thread) = run(&store, 6);
+        wal.stop();
+        thread.join().unwrap();
+        drop(store);
+        let store = open();
+        compact_and_check(&store, 18 * ROUND);
     }
 
     #[test]
