@@ -430,9 +430,9 @@ mod tests {
     use super::*;
     use crate::store::StoreOptions;
 
-    /// A commit thread on a new store under `dir`, pacing its commits `interval` apart.
-    fn start_paced(dir: &std::path::Path, interval: Duration) -> (WalHandle, std::thread::JoinHandle<()>) {
-        let (store, _recovered) = Store::open(dir, &StoreOptions::default()).unwrap();
+    /// A commit thread on `store` (buffered, 1,000 changes and 1,000 events retained), pacing
+    /// its commits `interval` apart.
+    fn start_paced(store: Arc<Store>, interval: Duration) -> (WalHandle, std::thread::JoinHandle<()>) {
         let options = WalOptions {
             durability: Durability::Buffered,
             queue_len_max: 16,
@@ -442,7 +442,7 @@ mod tests {
             event_retention: 1_000,
             disk_guard: None,
         };
-        start(Arc::new(store), options, Box::new(|_, _| {}))
+        start(store, options, Box::new(|_, _| {}))
     }
 
     /// Submits an empty mutation and waits until its group commit is durable.
@@ -470,16 +470,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (store, _recovered) = Store::open(dir.path(), &StoreOptions::default()).unwrap();
         let store = Arc::new(store);
-        let options = WalOptions {
-            durability: Durability::Buffered,
-            queue_len_max: 16,
-            batch_len_max: 16,
-            commit_interval: Duration::ZERO,
-            change_retention: 1_000,
-            event_retention: 1_000,
-            disk_guard: None,
-        };
-        let (wal, thread) = start(store.clone(), options, Box::new(|_, _| {}));
+        let (wal, thread) = start_paced(store.clone(), Duration::ZERO);
         for round in 0..ROUNDS {
             if round == ROUNDS - 1 {
                 // Files move out of level 0 (whole: nothing overlaps them) only in compactions.
@@ -611,16 +602,7 @@ mod tests {
             }
         };
         let run = |store: &Arc<Store>, rounds: u64| {
-            let options = WalOptions {
-                durability: Durability::Buffered,
-                queue_len_max: 16,
-                batch_len_max: 16,
-                commit_interval: Duration::ZERO,
-                change_retention: 1_000,
-                event_retention: 1_000,
-                disk_guard: None,
-            };
-            let (wal, thread) = start(store.clone(), options, Box::new(|_, _| {}));
+            let (wal, thread) = start_paced(store.clone(), Duration::ZERO);
             for _ in 0..rounds {
                 let first = wal.last_event_sequence() + 1;
                 let slot = wal.try_slot().unwrap();
@@ -663,7 +645,8 @@ mod tests {
         // the interval, one more takes less than half of one.
         let dir = tempfile::tempdir().unwrap();
         let interval = Duration::from_millis(300);
-        let (wal, thread) = start_paced(dir.path(), interval);
+        let store = Arc::new(Store::open(dir.path(), &StoreOptions::default()).unwrap().0);
+        let (wal, thread) = start_paced(store, interval);
         let started = Instant::now();
         for _ in 0..4 {
             commit_one(&wal);
