@@ -364,6 +364,12 @@ fn commit_loop(
         metrics::histogram!("allot_commit_batch_mutations").record(batch.len() as f64);
         last_sequence.store(sequence, Ordering::Release);
         last_event_sequence.store(audit_sequence, Ordering::Release);
+        if let Some(keep_from) = events_trimmed {
+            // The trim is durable now (journaled): the order history's compactions may drop
+            // the older events' keys. Before the acknowledgements, so that whoever saw this
+            // commit acknowledged also sees the bound moved.
+            store.set_history_kept_from(keep_from);
+        }
         for mutation in batch.drain(..) {
             if let Some(ack) = mutation.ack {
                 // The waiter may have gone (client cancelled): the change is durable anyway.
@@ -377,8 +383,6 @@ fn commit_loop(
             store.drop_files_before(Cf::Changes, keep_from, keys::change);
         }
         if let Some(keep_from) = events_trimmed {
-            // Durable now: the order history's compactions may drop the older events' keys.
-            store.set_history_kept_from(keep_from);
             store.drop_files_before(Cf::Events, keep_from, keys::audit);
         }
         if stopping {
