@@ -327,8 +327,9 @@ impl Store {
                 break;
             }
             let sequence = u64::from_be_bytes(key[prefix.len()..].try_into().expect("8 bytes"));
-            // An event trimmed from the log leaves its history key behind (and may stay on
-            // disk a while, see `drop_files_before`): skip it.
+            // An event trimmed from the log leaves its history key behind until a compaction
+            // drops it (`HistoryTrim`), and may stay on disk a while itself (see
+            // `drop_files_before`): skip it.
             if sequence >= first_kept {
                 keys_found.push((sequence, keys::audit(sequence)));
             }
