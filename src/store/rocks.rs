@@ -128,6 +128,9 @@ pub struct RecoveredOrders {
 /// call p99 from 14.0-16.0 to 12.1-13.0 ms (three interleaved pairs).
 const BYTES_PER_SYNC: u64 = 1024 * 1024;
 
+/// The name of the order history's compaction filter and of its factory.
+const HISTORY_TRIM_NAME: &CStr = c"allot-order-history-trim";
+
 /// Files of the order history older than this are compacted again (see `HistoryTrim`).
 const HISTORY_RECOMPACTED_AFTER_SECONDS: u64 = 24 * 60 * 60;
 
@@ -155,7 +158,7 @@ impl rocksdb::compaction_filter_factory::CompactionFilterFactory for HistoryTrim
     }
 
     fn name(&self) -> &CStr {
-        c"allot-order-history-trim"
+        HISTORY_TRIM_NAME
     }
 }
 
@@ -168,7 +171,7 @@ impl rocksdb::compaction_filter::CompactionFilter for HistoryTrimFilter {
     }
 
     fn name(&self) -> &CStr {
-        c"allot-order-history-trim"
+        HISTORY_TRIM_NAME
     }
 }
 
