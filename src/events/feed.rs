@@ -85,11 +85,69 @@ pub enum WatchError {
 }
 
 /// Counts a watcher for as long as its task runs.
-struct WatcherGuard<'a>(&'a AtomicUsize);
+pub(super) struct WatcherGuard<'a>(pub(super) &'a AtomicUsize);
 
 impl Drop for WatcherGuard<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Takes a watcher's place in `watchers` (given back by a `WatcherGuard` when its task ends, or
+/// by `release` if the watch is refused before it starts); none left: TooManyWatchers.
+pub(super) fn admit(watchers: &AtomicUsize, watchers_max: usize) -> Result<(), WatchError> {
+    if watchers.fetch_add(1, Ordering::Relaxed) >= watchers_max {
+        watchers.fetch_sub(1, Ordering::Relaxed);
+        return Err(WatchError::TooManyWatchers(watchers_max));
+    }
+    Ok(())
+}
+
+/// Follows a feed's live batches from after `last_sent` until the client goes away, the feed
+/// closes (Closed) or the watcher falls behind the broadcast buffer (Lagged); both errors say
+/// where to resume. `item` turns an entry into what is sent, or None to skip it. Entries at or
+/// below `last_sent` (already replayed) are skipped.
+pub(super) async fn follow_live<T, O>(
+    mut live: broadcast::Receiver<Arc<[T]>>,
+    mut closed: tokio::sync::watch::Receiver<bool>,
+    sender: &mpsc::Sender<Result<O, WatchError>>,
+    mut last_sent: u64,
+    sequence: impl Fn(&T) -> u64,
+    mut item: impl FnMut(&T) -> Option<O>,
+) {
+    loop {
+        let received = tokio::select! {
+            received = live.recv() => received,
+            // The client went away: free the watcher slot now, not at the next matching
+            // change (a filtered watch on a quiet SKU may never see one).
+            _ = sender.closed() => return,
+            _ = async { closed.wait_for(|closed| *closed).await.map(|_| ()) } => {
+                let _ = sender.send(Err(WatchError::Closed { resume_from: last_sent + 1 })).await;
+                return;
+            }
+        };
+        let batch = match received {
+            Ok(batch) => batch,
+            Err(broadcast::error::RecvError::Closed) => return,
+            Err(broadcast::error::RecvError::Lagged(_)) => {
+                metrics::counter!("allot_watch_dropped_total", "reason" => "lagged").increment(1);
+                let _ = sender.send(Err(WatchError::Lagged { resume_from: last_sent + 1 })).await;
+                return;
+            }
+        };
+        for entry in batch.iter() {
+            if sequence(entry) <= last_sent {
+                continue;
+            }
+            last_sent = sequence(entry);
+            if let Some(item) = item(entry) {
+                // A full output buffer means a slow client: waiting here lets the broadcast
+                // buffer fill, and then the watcher is dropped with Lagged above.
+                if sender.send(Ok(item)).await.is_err() {
+                    return;
+                }
+            }
+        }
     }
 }
 
@@ -102,11 +160,7 @@ pub fn watch_availability(
     request: WatchRequest,
     out_len_max: usize,
 ) -> Result<mpsc::Receiver<Result<WatchItem, WatchError>>, WatchError> {
-    let before = feed.watchers.fetch_add(1, Ordering::Relaxed);
-    if before >= feed.watchers_max {
-        feed.watchers.fetch_sub(1, Ordering::Relaxed);
-        return Err(WatchError::TooManyWatchers(feed.watchers_max));
-    }
+    admit(&feed.watchers, feed.watchers_max)?;
     if let Some(from) = request.from_sequence {
         let oldest = store.first_sequence();
         if from < oldest && from <= index.wal().last_sequence() {
@@ -116,12 +170,12 @@ pub fn watch_availability(
     }
     // Subscribe before reading anything, so no change falls between the read and the live feed.
     let live = feed.sender.subscribe();
-    let mut closed = feed.closed.subscribe();
+    let closed = feed.closed.subscribe();
     let (sender, receiver) = mpsc::channel(out_len_max.max(1));
     tokio::spawn(async move {
         let _guard = WatcherGuard(&feed.watchers);
         let filter = Filter::new(&request);
-        let mut last_sent = match request.from_sequence {
+        let last_sent = match request.from_sequence {
             None => {
                 let at = index.wal().last_sequence();
                 let mut items = Vec::new();
@@ -176,41 +230,15 @@ pub fn watch_availability(
                 next - 1
             }
         };
-        let mut live = live;
-        loop {
-            let received = tokio::select! {
-                received = live.recv() => received,
-                // The client went away: free the watcher slot now, not at the next matching
-                // change (a filtered watch on a quiet SKU may never see one).
-                _ = sender.closed() => return,
-                _ = async { closed.wait_for(|closed| *closed).await.map(|_| ()) } => {
-                    let _ = sender.send(Err(WatchError::Closed { resume_from: last_sent + 1 })).await;
-                    return;
-                }
-            };
-            let batch = match received {
-                Ok(batch) => batch,
-                Err(broadcast::error::RecvError::Closed) => return,
-                Err(broadcast::error::RecvError::Lagged(_)) => {
-                    metrics::counter!("allot_watch_dropped_total", "reason" => "lagged").increment(1);
-                    let _ = sender.send(Err(WatchError::Lagged { resume_from: last_sent + 1 })).await;
-                    return;
-                }
-            };
-            for change in batch.iter() {
-                if change.sequence <= last_sent {
-                    continue;
-                }
-                last_sent = change.sequence;
-                if let Some(item) = filter.item(change, &index) {
-                    // A full output buffer means a slow client: waiting here lets the broadcast
-                    // buffer fill, and then the watcher is dropped with Lagged above.
-                    if sender.send(Ok(item)).await.is_err() {
-                        return;
-                    }
-                }
-            }
-        }
+        follow_live(
+            live,
+            closed,
+            &sender,
+            last_sent,
+            |change| change.sequence,
+            |change| filter.item(change, &index),
+        )
+        .await;
     });
     Ok(receiver)
 }
@@ -252,5 +280,115 @@ impl Filter {
             sequence: change.sequence,
             snapshot: false,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    /// Entries of a test feed: (sequence, payload).
+    type Entry = (u64, &'static str);
+
+    struct Follower {
+        batches: broadcast::Sender<Arc<[Entry]>>,
+        close: tokio::sync::watch::Sender<bool>,
+        out: mpsc::Receiver<Result<&'static str, WatchError>>,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    /// A follower from after `last_sent`, skipping payloads that start with "skip"; its output
+    /// channel holds `out_len` items and the broadcast buffer `buffer` batches.
+    fn follow(last_sent: u64, buffer: usize, out_len: usize) -> Follower {
+        let (batches, live) = broadcast::channel(buffer);
+        let (close, closed) = tokio::sync::watch::channel(false);
+        let (sender, out) = mpsc::channel(out_len);
+        let task = tokio::spawn(async move {
+            follow_live(
+                live,
+                closed,
+                &sender,
+                last_sent,
+                |entry: &Entry| entry.0,
+                |entry| (!entry.1.starts_with("skip")).then_some(entry.1),
+            )
+            .await
+        });
+        Follower { batches, close, out, task }
+    }
+
+    async fn next(
+        out: &mut mpsc::Receiver<Result<&'static str, WatchError>>,
+    ) -> Option<Result<&'static str, WatchError>> {
+        tokio::time::timeout(Duration::from_secs(10), out.recv()).await.expect("the follower answers in time")
+    }
+
+    #[tokio::test]
+    async fn follows_batches_after_the_replay_and_skips_what_the_filter_drops() {
+        let mut follower = follow(2, 8, 16);
+        follower.batches.send(Arc::from(vec![(1, "old"), (2, "replayed"), (3, "c")])).unwrap();
+        follower.batches.send(Arc::from(vec![(4, "skip d"), (5, "e")])).unwrap();
+        assert_eq!(next(&mut follower.out).await, Some(Ok("c")));
+        assert_eq!(next(&mut follower.out).await, Some(Ok("e")));
+        // Shutdown: resume right after the last entry seen, even one the filter dropped.
+        follower.batches.send(Arc::from(vec![(6, "skip f")])).unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        follower.close.send_replace(true);
+        assert_eq!(next(&mut follower.out).await, Some(Err(WatchError::Closed { resume_from: 7 })));
+        assert_eq!(next(&mut follower.out).await, None, "nothing after the error");
+    }
+
+    #[tokio::test]
+    async fn a_follower_behind_the_broadcast_buffer_ends_with_where_to_resume() {
+        // Overtaken before it read anything: resume from the first entry after the replay.
+        let mut follower = follow(10, 2, 16);
+        for sequence in 11..=14 {
+            follower.batches.send(Arc::from(vec![(sequence, "x")])).unwrap();
+        }
+        assert_eq!(next(&mut follower.out).await, Some(Err(WatchError::Lagged { resume_from: 11 })));
+        assert_eq!(next(&mut follower.out).await, None, "nothing after the error");
+
+        // A client that stops reading: its output channel of one fills, the follower waits on
+        // it, the broadcast buffer of two batches overflows meanwhile, and the error names
+        // the first entry the client has not been sent.
+        let mut follower = follow(10, 2, 1);
+        let settle = || tokio::time::sleep(Duration::from_millis(20));
+        follower.batches.send(Arc::from(vec![(11, "a")])).unwrap();
+        assert_eq!(next(&mut follower.out).await, Some(Ok("a")));
+        follower.batches.send(Arc::from(vec![(12, "b")])).unwrap();
+        settle().await; // 12 fills the output channel
+        follower.batches.send(Arc::from(vec![(13, "c")])).unwrap();
+        settle().await; // 13 waits for room
+        for sequence in 14..=16 {
+            follower.batches.send(Arc::from(vec![(sequence, "x")])).unwrap();
+        }
+        assert_eq!(next(&mut follower.out).await, Some(Ok("b")));
+        assert_eq!(next(&mut follower.out).await, Some(Ok("c")));
+        assert_eq!(next(&mut follower.out).await, Some(Err(WatchError::Lagged { resume_from: 14 })));
+        assert_eq!(next(&mut follower.out).await, None);
+    }
+
+    #[tokio::test]
+    async fn a_follower_whose_client_went_away_ends_without_waiting_for_a_batch() {
+        let follower = follow(0, 8, 4);
+        drop(follower.out);
+        tokio::time::timeout(Duration::from_secs(10), follower.task)
+            .await
+            .expect("the follower ends with no batch sent")
+            .expect("the follower does not panic");
+        drop(follower.batches);
+    }
+
+    #[test]
+    fn admit_takes_a_place_until_there_are_none_and_refuses_without_taking_one() {
+        let watchers = AtomicUsize::new(0);
+        assert_eq!(admit(&watchers, 2), Ok(()));
+        assert_eq!(admit(&watchers, 2), Ok(()));
+        assert_eq!(admit(&watchers, 2), Err(WatchError::TooManyWatchers(2)));
+        assert_eq!(watchers.load(Ordering::Relaxed), 2);
+        drop(WatcherGuard(&watchers));
+        assert_eq!(admit(&watchers, 2), Ok(()));
     }
 }

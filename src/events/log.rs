@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tokio::sync::{broadcast, mpsc};
 
-use super::feed::WatchError;
+use super::feed::{WatchError, WatcherGuard, admit, follow_live};
 use crate::domain::AuditEvent;
 use crate::store::{Store, WalHandle};
 
@@ -56,14 +56,6 @@ impl EventFeed {
     }
 }
 
-struct WatcherGuard<'a>(&'a AtomicUsize);
-
-impl Drop for WatcherGuard<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
 /// Starts a WatchEvents stream: every event with sequence >= `from_sequence` (0 and 1 = the
 /// oldest retained; a later start older than that is OUT_OF_RANGE) whose type is in `types` (empty = all), then live events.
 pub fn watch_events(
@@ -79,14 +71,10 @@ pub fn watch_events(
     if from_sequence > 1 && from_sequence < oldest {
         return Err(WatchError::TooOld { requested: from_sequence, oldest });
     }
-    let before = feed.watchers.fetch_add(1, Ordering::Relaxed);
-    if before >= feed.watchers_max {
-        feed.watchers.fetch_sub(1, Ordering::Relaxed);
-        return Err(WatchError::TooManyWatchers(feed.watchers_max));
-    }
+    admit(&feed.watchers, feed.watchers_max)?;
     // Subscribe before reading, so no event falls between the replay and the live feed.
-    let mut live = feed.sender.subscribe();
-    let mut closed = feed.closed.subscribe();
+    let live = feed.sender.subscribe();
+    let closed = feed.closed.subscribe();
     let (sender, receiver) = mpsc::channel(out_len_max.clamp(1, EVENT_OUT_LEN_MAX));
     let types: HashSet<String> = types.into_iter().collect();
     let wanted = move |event: &AuditEvent| types.is_empty() || types.contains(&event.event_type);
@@ -134,35 +122,15 @@ pub fn watch_events(
                 break;
             }
         }
-        let mut last_sent = next - 1;
-        loop {
-            let received = tokio::select! {
-                received = live.recv() => received,
-                _ = sender.closed() => return,
-                _ = async { closed.wait_for(|closed| *closed).await.map(|_| ()) } => {
-                    let _ = sender.send(Err(WatchError::Closed { resume_from: last_sent + 1 })).await;
-                    return;
-                }
-            };
-            let batch = match received {
-                Ok(batch) => batch,
-                Err(broadcast::error::RecvError::Closed) => return,
-                Err(broadcast::error::RecvError::Lagged(_)) => {
-                    metrics::counter!("allot_watch_dropped_total", "reason" => "lagged").increment(1);
-                    let _ = sender.send(Err(WatchError::Lagged { resume_from: last_sent + 1 })).await;
-                    return;
-                }
-            };
-            for event in batch.iter() {
-                if event.sequence <= last_sent {
-                    continue;
-                }
-                last_sent = event.sequence;
-                if wanted(event) && sender.send(Ok(event.clone())).await.is_err() {
-                    return;
-                }
-            }
-        }
+        follow_live(
+            live,
+            closed,
+            &sender,
+            next - 1,
+            |event| event.sequence,
+            |event| wanted(event).then(|| event.clone()),
+        )
+        .await;
     });
     Ok(receiver)
 }
