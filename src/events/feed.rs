@@ -12,16 +12,20 @@ use crate::store::Store;
 /// Changes read from the store per page while replaying.
 const REPLAY_PAGE_LEN: usize = 1_024;
 
-/// The live side of the feed: batches of durable changes in sequence order.
-pub struct Feed {
-    sender: broadcast::Sender<Arc<[AvailabilityChange]>>,
+/// The live side of the availability feed: batches of durable changes in sequence order.
+pub type Feed = Fanout<AvailabilityChange>;
+
+/// The live side of a feed: each durable batch, in sequence order, to every watcher, and the
+/// count of watchers against their limit.
+pub struct Fanout<T> {
+    pub(super) sender: broadcast::Sender<Arc<[T]>>,
     /// Set at shutdown: every watch ends with UNAVAILABLE so the server can drain.
-    closed: tokio::sync::watch::Sender<bool>,
-    watchers: AtomicUsize,
-    watchers_max: usize,
+    pub(super) closed: tokio::sync::watch::Sender<bool>,
+    pub(super) watchers: AtomicUsize,
+    pub(super) watchers_max: usize,
 }
 
-impl Feed {
+impl<T> Fanout<T> {
     /// `buffer_batches`: commit batches a watcher may fall behind before it is dropped.
     pub fn new(buffer_batches: usize, watchers_max: usize) -> Self {
         let (sender, _) = broadcast::channel(buffer_batches.max(1));
@@ -35,11 +39,11 @@ impl Feed {
     }
 
     /// Called by the commit thread after each durable batch. Never blocks.
-    pub fn publish(&self, changes: Vec<AvailabilityChange>) {
+    pub fn publish(&self, batch: Vec<T>) {
         // Nobody watching: no shared copy to build. A watcher that subscribes after this
         // check would not have received a send made now either.
-        if self.sender.receiver_count() > 0 {
-            let _ = self.sender.send(Arc::from(changes));
+        if !batch.is_empty() && self.sender.receiver_count() > 0 {
+            let _ = self.sender.send(Arc::from(batch));
         }
     }
 

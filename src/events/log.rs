@@ -5,11 +5,10 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::mpsc;
 
-use super::feed::{WatchError, WatcherGuard, admit, follow_live};
+use super::feed::{Fanout, WatchError, WatcherGuard, admit, follow_live};
 use crate::domain::AuditEvent;
 use crate::store::{Store, WalHandle};
 
@@ -21,40 +20,8 @@ const REPLAY_PAGE_LEN: usize = 128;
 /// larger: events are bigger than availability changes).
 const EVENT_OUT_LEN_MAX: usize = 128;
 
-/// The live side: batches of durable events in sequence order.
-pub struct EventFeed {
-    sender: broadcast::Sender<Arc<[AuditEvent]>>,
-    closed: tokio::sync::watch::Sender<bool>,
-    watchers: AtomicUsize,
-    watchers_max: usize,
-}
-
-impl EventFeed {
-    /// `buffer_batches`: commit batches a watcher may fall behind before it is dropped.
-    pub fn new(buffer_batches: usize, watchers_max: usize) -> Self {
-        let (sender, _) = broadcast::channel(buffer_batches.max(1));
-        let (closed, _) = tokio::sync::watch::channel(false);
-        Self { sender, closed, watchers: AtomicUsize::new(0), watchers_max }
-    }
-
-    /// Called by the commit thread after each durable batch. Never blocks.
-    pub fn publish(&self, events: Vec<AuditEvent>) {
-        // Nobody watching: no shared copy to build. A watcher that subscribes after this
-        // check would not have received a send made now either.
-        if !events.is_empty() && self.sender.receiver_count() > 0 {
-            let _ = self.sender.send(Arc::from(events));
-        }
-    }
-
-    /// Ends every watch (graceful shutdown).
-    pub fn close(&self) {
-        self.closed.send_replace(true);
-    }
-
-    pub fn watchers(&self) -> usize {
-        self.watchers.load(Ordering::Relaxed)
-    }
-}
+/// The live side of the event feed: batches of durable events in sequence order.
+pub type EventFeed = Fanout<AuditEvent>;
 
 /// Starts a WatchEvents stream: every event with sequence >= `from_sequence` (0 and 1 = the
 /// oldest retained; a later start older than that is OUT_OF_RANGE) whose type is in `types` (empty = all), then live events.
