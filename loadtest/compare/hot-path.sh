@@ -2,7 +2,7 @@
 # allotd alone on its hot path: the README's closed-loop and open-loop rows. Every case runs on
 # a fresh allotd (durability fsync, a temp data dir, 127.0.0.1) loaded with allot-load --setup;
 # then the open loop runs health, atp, route and reserve at fractions of their closed-loop
-# rates. One markdown table: ops/s, latency, the daemon's and the generator's CPU per
+# rates, and atp and route at fractions of reserve's. One markdown table: ops/s, latency, the daemon's and the generator's CPU per
 # operation, and how idle the machine was. See README.md in this directory.
 set -euo pipefail
 
@@ -13,6 +13,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 BIN_DIR="${ALLOT_BIN_DIR:-}"
 WARMUP_SECS=1
 OPEN_FRACTIONS="0.5,0.25"
+RESERVE_FRACTIONS="0.5"
 DURATION=8
 COMMIT_INTERVAL_US=""
 
@@ -21,13 +22,17 @@ usage() {
 Usage: $0 [options]
 Closed loop: health (16 and 64 callers), atp, route, reserve (uniform, hot, 64 callers) and
 reserve-batch (100 x 4, 50 x 4, 20 x 8, 100 x 16) and reserve-stream (4 streams x 64 in
-flight); open loop: health, atp, route and reserve at each fraction of their closed-loop rate
-at --concurrency callers. Default $DURATION s per case.
+flight); open loop: health, atp, route and reserve at each fraction of their closed-loop rate,
+and atp and route at each fraction of reserve's closed-loop rate (target 2 of issue 7 read
+as "50% of the durable Reserve's saturation rate"), at --concurrency callers. Default
+$DURATION s per case.
   --bin-dir DIR           allotd and allot-load from DIR (default target/release; build them
                           with cargo build --release --workspace --bins)
   --warmup SECS           allot-load --warmup-secs (default $WARMUP_SECS); CPU is counted after it
   --open-fractions LIST   comma-separated fractions of the closed-loop rate (default $OPEN_FRACTIONS;
                           "none" skips the open loop)
+  --reserve-fractions LIST  comma-separated fractions of reserve's closed-loop rate at which
+                          atp and route also run open (default $RESERVE_FRACTIONS; "none" skips them)
   --commit-interval-us N  run every daemon with store.commit_interval_us = N (default: the
                           built-in default, 0)
 EOF
@@ -39,6 +44,7 @@ script_flag() {
         --bin-dir) BIN_DIR="${2:?--bin-dir needs a value}" ;;
         --warmup) WARMUP_SECS="${2:?--warmup needs a value}" ;;
         --open-fractions) OPEN_FRACTIONS="${2:?--open-fractions needs a value}" ;;
+        --reserve-fractions) RESERVE_FRACTIONS="${2:?--reserve-fractions needs a value}" ;;
         --commit-interval-us) COMMIT_INTERVAL_US="${2:?--commit-interval-us needs a value}" ;;
         *) return 1 ;;
     esac
@@ -47,6 +53,23 @@ script_flag() {
 parse_common_flags "$@"
 [[ "$WARMUP_SECS" =~ ^[1-9][0-9]*$ ]] || die "--warmup must be a whole number of seconds, at least 1"
 [[ -z "$COMMIT_INTERVAL_US" || "$COMMIT_INTERVAL_US" =~ ^[0-9]+$ ]] || die "--commit-interval-us must be a whole number"
+# Checks a --*-fractions list up front (a bad one would otherwise stop the script minutes in)
+# and leaves it in FRACTIONS; "none" leaves FRACTIONS empty.
+fractions_of() {
+    local list="$1" fraction
+    [[ "$list" == none ]] && return 0
+    IFS=',' read -r -a FRACTIONS <<<"$list"
+    for fraction in "${FRACTIONS[@]}"; do
+        [[ "$fraction" =~ ^0?\.[0-9]+$|^1$ ]] || die "not a fraction: $fraction"
+    done
+}
+FRACTIONS=()
+fractions_of "$OPEN_FRACTIONS"
+open_fractions=("${FRACTIONS[@]}")
+FRACTIONS=()
+fractions_of "$RESERVE_FRACTIONS"
+reserve_fractions=("${FRACTIONS[@]}")
+
 BIN_DIR="${BIN_DIR:-$REPO_ROOT/target/release}"
 ALLOTD="$BIN_DIR/allotd"
 LOAD="$BIN_DIR/allot-load"
@@ -169,14 +192,22 @@ run_case batch-100x16 "closed, ReserveBatch 100 × 16 callers" --scenario reserv
 run_case stream-64x4 "closed, ReserveStream 4 streams × 64 in flight" --scenario reserve-stream \
     --concurrency 256 --callers-per-stream 64
 
-if [[ "$OPEN_FRACTIONS" != none ]]; then
-    IFS=',' read -r -a fractions <<<"$OPEN_FRACTIONS"
-    for fraction in "${fractions[@]}"; do
-        [[ "$fraction" =~ ^0?\.[0-9]+$|^1$ ]] || die "not a fraction: $fraction"
+if ((${#open_fractions[@]} > 0)); then
+    for fraction in "${open_fractions[@]}"; do
         for scenario in health atp route reserve; do
             rate="$(awk -v r="${closed_rate[$scenario]}" -v f="$fraction" 'BEGIN { printf "%d", r * f }')"
             ((rate >= 1)) || die "no closed-loop rate for $scenario"
             run_case "$scenario-open-$fraction" "open, $rate/s ($fraction × closed), $C lanes" \
+                --scenario "$scenario" --concurrency "$C" --rate "$rate"
+        done
+    done
+fi
+if ((${#reserve_fractions[@]} > 0)); then
+    for fraction in "${reserve_fractions[@]}"; do
+        rate="$(awk -v r="${closed_rate[reserve]}" -v f="$fraction" 'BEGIN { printf "%d", r * f }')"
+        ((rate >= 1)) || die "no closed-loop rate for reserve"
+        for scenario in atp route; do
+            run_case "$scenario-open-reserve-$fraction" "open, $rate/s ($fraction × reserve's closed), $C lanes" \
                 --scenario "$scenario" --concurrency "$C" --rate "$rate"
         done
     done
