@@ -83,11 +83,13 @@ as_pg "$PG_BIN/initdb" -D "$PGDATA" -U postgres --auth=trust -E UTF8 --locale=C 
 
 # Durable commits (the defaults, spelled out) and the usual sizing for a 24 GiB machine. The
 # WAL is flushed by whichever backend commits first for everyone waiting: PostgreSQL's own
-# group commit. max_wal_size keeps checkpoints out of short runs.
+# group commit. max_wal_size keeps checkpoints out of short runs. Room for every pgbench
+# client and the script's own psql (the default of 100 refused --concurrency 256).
+MAX_CONNECTIONS=$((CONCURRENCY + 10 > 100 ? CONCURRENCY + 10 : 100))
 as_pg "$PG_BIN/postgres" -D "$PGDATA" \
     -c listen_addresses=127.0.0.1 -c port="$PORT" -c unix_socket_directories="$SCRATCH" \
     -c synchronous_commit=on -c fsync=on -c full_page_writes=on \
-    -c shared_buffers=256MB -c max_wal_size=2GB -c max_connections=100 \
+    -c shared_buffers=256MB -c max_wal_size=2GB -c max_connections="$MAX_CONNECTIONS" \
     -c log_min_messages=warning >"$SCRATCH/postgres.log" 2>&1 &
 WRAPPER_PID=$!
 for _ in $(seq 300); do
