@@ -97,8 +97,8 @@ impl Drop for WatcherGuard<'_> {
     }
 }
 
-/// Takes a watcher's place in `watchers` (given back by a `WatcherGuard` when its task ends, or
-/// by `release` if the watch is refused before it starts); none left: TooManyWatchers.
+/// Takes a watcher's place in `watchers`, given back by the `WatcherGuard` of the task it
+/// starts next; none left: TooManyWatchers, and nothing taken.
 pub(super) fn admit(watchers: &AtomicUsize, watchers_max: usize) -> Result<(), WatchError> {
     if watchers.fetch_add(1, Ordering::Relaxed) >= watchers_max {
         watchers.fetch_sub(1, Ordering::Relaxed);
@@ -164,14 +164,13 @@ pub fn watch_availability(
     request: WatchRequest,
     out_len_max: usize,
 ) -> Result<mpsc::Receiver<Result<WatchItem, WatchError>>, WatchError> {
-    admit(&feed.watchers, feed.watchers_max)?;
     if let Some(from) = request.from_sequence {
         let oldest = store.first_sequence();
         if from < oldest && from <= index.wal().last_sequence() {
-            feed.watchers.fetch_sub(1, Ordering::Relaxed);
             return Err(WatchError::TooOld { requested: from, oldest });
         }
     }
+    admit(&feed.watchers, feed.watchers_max)?;
     // Subscribe before reading anything, so no change falls between the read and the live feed.
     let live = feed.sender.subscribe();
     let closed = feed.closed.subscribe();
